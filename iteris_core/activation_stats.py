@@ -1,0 +1,246 @@
+"""Streaming statistics for one merge stage (the text encoders, or the UNet).
+
+Concepts are taken one after another. During concept ``i``'s pass the hooks feed token matrices
+(rows are tokens) here; nothing of the activations is kept beyond fp32 sums:
+
+* per distinct layer input (a *group*: q/k/v share one, all cross-attention k/v share the text
+  context): scratch sums ``Xt^T Xt`` and, from iteration 1, ``X^T Xt`` (d x d), the token count
+  and the input energy; emptied after every concept;
+* per layer: the system ``M = sum_i lam_i (K_i + a ||K_i|| I)`` (d x d, one per layer whatever
+  the number of concepts) and, per concept, the small ``(A_i X_i)^T``-by-``Xt_i`` product (r_i x d).
+
+Layers solved in the row space ``Q`` of their LoRAs keep projected R' x R' sums instead, and
+estimate the ridge norms with fixed random probes (``||G||_F^2 = E ||G g||^2 / k``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .layers import LayerInfo
+from .low_rank import LowRankDelta
+from .solver import ConceptTerm, adaptive_weight, solve_full, solve_subspace
+
+PROBES = 32  # probe vectors for Frobenius-norm estimates in row-space mode
+
+
+@dataclass
+class LayerPlan:
+    """What the merge knows about one layer before any statistics: its concepts' deltas."""
+
+    name: str
+    info: LayerInfo
+    group: str
+    deltas: list[LowRankDelta | None]    # per concept, at strength; None where it has none
+    basis: torch.Tensor | None = None    # (R', d) orthonormal rows: solve in the LoRAs' row space
+
+    @property
+    def subspace(self) -> bool:
+        return self.basis is not None
+
+
+@dataclass
+class LayerWeights:
+    """Per-layer, per-concept quantities fixed at iteration 0 (on the concepts' own inputs)."""
+
+    lam: list[float] = field(default_factory=list)
+    target_energy: list[float] = field(default_factory=list)  # ||dW_i X_i||^2 / n_i
+
+
+@dataclass
+class _Group:
+    """Scratch sums for one distinct layer input; emptied after every concept."""
+
+    dim: int
+    gram: torch.Tensor | None = None         # sum Xt^T Xt              (full mode)
+    cross: torch.Tensor | None = None        # sum X^T Xt               (full mode, paired passes)
+    probe_gram: torch.Tensor | None = None   # sum Xt^T (Xt G)  (d x k) (row-space mode)
+    probe_cross: torch.Tensor | None = None  # sum X^T (Xt G)
+    tokens: int = 0
+    energy: float = 0.0                      # sum ||x||^2 of the concept's own inputs
+
+
+@dataclass
+class _Layer:
+    plan: LayerPlan
+    system: torch.Tensor | None = None       # M (full: d x d; row space: R' x R')
+    rhs: torch.Tensor | None = None          # row space: sum_i s lam B_i A^_i (C^_i + a|C_i| I)
+    terms: list[ConceptTerm] = field(default_factory=list)
+    numerator: torch.Tensor | None = None    # this concept: (A X)^T Xt (r x d), row space: (Q X)^T (Q Xt)
+    proj_gram: torch.Tensor | None = None    # this concept, row space: (Q Xt)^T (Q Xt)
+    output_energy: float = 0.0               # this concept: sum ||dW x||^2
+    residual: float = 0.0                    # this concept: sum ||D xt - dW x||^2
+
+
+def _frobenius(matrix: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(matrix))
+
+
+class StageStatistics:
+    """One iteration's statistics for a set of layers, and their solution.
+
+    At iteration 0 pass ``weights=None``: the concepts' adaptive weights are computed from their
+    own inputs and kept in :attr:`weights` for the later iterations, which pass them back.
+    """
+
+    def __init__(self, plans: list[LayerPlan], *, regularization: float, adaptive: bool,
+                 device: torch.device | str = "cpu", weights: dict[str, LayerWeights] | None = None,
+                 seed: int = 0):
+        self.regularization = regularization
+        self.adaptive = adaptive
+        self.device = torch.device(device)
+        self.first_iteration = weights is None
+        self.weights: dict[str, LayerWeights] = {} if weights is None else weights
+        self.layers = {p.name: _Layer(p) for p in plans}
+        self.group_members: dict[str, list[str]] = {}
+        for p in plans:
+            self.group_members.setdefault(p.group, []).append(p.name)
+        self.groups = {g: _Group(self.layers[m[0]].plan.info.input_dim) for g, m in self.group_members.items()}
+        self.objective: dict[str, float] = {}   # lam-weighted residual of the incoming merged model
+        self._generator = torch.Generator().manual_seed(seed)
+        self._probes: dict[int, torch.Tensor] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def probe(self, dim: int) -> torch.Tensor:
+        """Fixed Gaussian probe matrix (d x k) for Frobenius-norm estimates."""
+        if dim not in self._probes:
+            self._probes[dim] = torch.randn(dim, PROBES, generator=self._generator)
+        return self._probes[dim]
+
+    def _add(self, current: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
+        update = update.to(self.device, torch.float32)
+        return update.clone() if current is None else current.add_(update)
+
+    def is_subspace_group(self, group: str) -> bool:
+        return self.layers[self.group_members[group][0]].plan.subspace
+
+    # -- observations ----------------------------------------------------------------------------
+    def observe_group(self, group: str, own: torch.Tensor, merged: torch.Tensor | None) -> None:
+        """Full mode. ``own`` = X (n x d) seen by the concept's model, ``merged`` = Xt seen by the
+        merged model on the same samples (None at iteration 0, where Xt = X)."""
+        g = self.groups[group]
+        own32 = own.to(self.device, torch.float32)
+        xt32 = own32 if merged is None else merged.to(self.device, torch.float32)
+        g.gram = self._add(g.gram, xt32.T @ xt32)
+        if merged is not None:
+            g.cross = self._add(g.cross, own32.T @ xt32)
+        g.energy += float(own32.pow(2).sum())
+        g.tokens += own.shape[0]
+
+    def observe_group_probes(self, group: str, gram_probe: torch.Tensor, cross_probe: torch.Tensor | None,
+                             energy: float, tokens: int) -> None:
+        """Row-space mode: ``Xt^T (Xt G)`` and ``X^T (Xt G)`` (d x k), computed by the hook."""
+        g = self.groups[group]
+        g.probe_gram = self._add(g.probe_gram, gram_probe)
+        if cross_probe is not None:
+            g.probe_cross = self._add(g.probe_cross, cross_probe)
+        g.energy += energy
+        g.tokens += tokens
+
+    def observe_layer(self, name: str, own_proj: torch.Tensor | None, merged: torch.Tensor,
+                      own_out: torch.Tensor | None = None, merged_out: torch.Tensor | None = None) -> None:
+        """Layer sums. Full mode: ``own_proj`` = (A_i X)^T rows (n x r) of the concept's delta
+        (None if it has none here) and ``merged`` = Xt (n x d). Row-space mode: ``own_proj`` =
+        Q X (None at iteration 0) and ``merged`` = Q Xt (n x R'). ``own_out`` = dW_i X (n x o,
+        None if the concept has no delta here) and ``merged_out`` = D Xt (n x o) give the output
+        energy (iteration 0) and the residual of the merged model (later iterations)."""
+        layer = self.layers[name]
+        merged32 = merged.to(self.device, torch.float32)
+        if layer.plan.subspace:
+            layer.proj_gram = self._add(layer.proj_gram, merged32.T @ merged32)
+        if own_proj is not None:
+            layer.numerator = self._add(layer.numerator, own_proj.to(self.device, torch.float32).T @ merged32)
+        if merged_out is None:
+            if own_out is not None:
+                layer.output_energy += float(own_out.float().pow(2).sum())
+        else:
+            target = 0.0 if own_out is None else own_out.float()
+            layer.residual += float((merged_out.float() - target).pow(2).sum())
+
+    # -- concept boundaries ----------------------------------------------------------------------
+    def finish_concept(self, concept: int) -> None:
+        """Fold the current concept's sums into every layer's system and empty the scratch."""
+        for group_name, members in self.group_members.items():
+            g = self.groups[group_name]
+            if g.tokens == 0:
+                raise RuntimeError(f"no token reached layer input {group_name!r} while collecting concept "
+                                   f"{concept + 1}'s statistics")
+            n = g.tokens
+            if self.is_subspace_group(group_name):
+                root_k = PROBES ** 0.5
+                gram, gram_norm = None, _frobenius(g.probe_gram) / n / root_k
+                cross_norm = gram_norm if g.probe_cross is None else _frobenius(g.probe_cross) / n / root_k
+            else:
+                gram = g.gram.div_(n)
+                gram_norm = _frobenius(gram)
+                cross_norm = gram_norm if g.cross is None else _frobenius(g.cross) / n
+            for name in members:
+                self._finish_layer(self.layers[name], concept, n, g.energy / n, gram, gram_norm, cross_norm)
+            self.groups[group_name] = _Group(g.dim)
+
+    def _concept_weight(self, plan: LayerPlan, concept: int, energy: float, output_energy: float) -> float:
+        delta = plan.deltas[concept]
+        if not self.adaptive:
+            return 1.0
+        if delta is None:
+            return adaptive_weight(0.0, 0.0, plan.info.input_dim, energy)
+        return adaptive_weight(delta.frobenius_sq(), output_energy, plan.info.input_dim, energy)
+
+    def _finish_layer(self, layer: _Layer, concept: int, tokens: int, energy: float, gram: torch.Tensor | None,
+                      gram_norm: float, cross_norm: float) -> None:
+        plan, a = layer.plan, self.regularization
+        delta = plan.deltas[concept]
+        if self.first_iteration:
+            output_energy = layer.output_energy / tokens
+            weights = self.weights.setdefault(plan.name, LayerWeights())
+            weights.lam.append(self._concept_weight(plan, concept, energy, output_energy))
+            weights.target_energy.append(output_energy)
+        else:
+            previous = self.objective.get(plan.name, 0.0)
+            self.objective[plan.name] = previous + self.weights[plan.name].lam[concept] * layer.residual / tokens
+        lam = self.weights[plan.name].lam[concept]
+
+        if plan.subspace:
+            proj_gram = layer.proj_gram / tokens
+            eye = torch.eye(proj_gram.shape[0], device=self.device)
+            layer.system = self._add(layer.system, lam * (proj_gram + a * gram_norm * eye))
+            if delta is not None:
+                cross = proj_gram if layer.numerator is None else layer.numerator / tokens
+                basis = plan.basis.to(self.device)
+                coords = delta.down.to(self.device) @ basis.T           # A^ = A Q^T (r x R')
+                rows = (delta.up.to(self.device) @ coords) @ (cross + a * cross_norm * eye)
+                layer.rhs = self._add(layer.rhs, rows * (delta.scale * lam))
+        else:
+            update = gram * lam
+            update.diagonal().add_(lam * a * gram_norm)
+            layer.system = self._add(layer.system, update)
+            if delta is not None:
+                layer.terms.append(ConceptTerm(delta, lam, layer.numerator / tokens, cross_norm))
+        layer.numerator = layer.proj_gram = None
+        layer.output_energy = layer.residual = 0.0
+
+    # -- results ---------------------------------------------------------------------------------
+    def relative_objective(self) -> dict[str, float]:
+        """Per layer: weighted residual of the incoming merged model over the weighted energy of the
+        concepts' own deltas (0 = the merged layer reproduces every concept exactly)."""
+        out = {}
+        for name, value in self.objective.items():
+            w = self.weights[name]
+            reference = sum(l * e for l, e in zip(w.lam, w.target_energy))
+            out[name] = value / reference if reference > 0 else 0.0
+        return out
+
+    def solve(self) -> dict[str, LowRankDelta]:
+        """Solve every layer and release the systems."""
+        merged = {}
+        for name, layer in self.layers.items():
+            plan = layer.plan
+            if plan.subspace:
+                merged[name] = solve_subspace(layer.system, layer.rhs, plan.basis, name)
+            else:
+                merged[name] = solve_full(layer.system, layer.terms, self.regularization, name)
+            layer.system = layer.rhs = None
+            layer.terms = []
+        return merged

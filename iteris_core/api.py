@@ -1,0 +1,223 @@
+"""The Python API: one call merges LoRAs on a base model and returns the LoRA and a report.
+
+    from iteris_core import Concept, MergeSettings, merge_loras
+    result = merge_loras("models/sd15", [Concept("cat.safetensors", ["a photo of sks cat"]),
+                                         Concept("style.safetensors", ["a painting in xyz style"])])
+    result.lora.save("merged.safetensors")
+    print(result.report.summary())
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from . import __version__
+from .backends.base import ModelBackend
+from .baselines import concat_merge, linear_merge, ties_merge
+from .errors import IterisError, SettingsError
+from .iteris import IterisLoop, LogFn, PreparedConcept, ProgressFn, StopFn
+from .layers import UNET
+from .lora_io import LoraFile
+from .lora_normalize import NormalizedLora, load_lora, lora_from_tensors
+from .lora_writer import MergedLora
+from .low_rank import LowRankDelta, truncate
+from .memory import free_device_memory, plan_memory, unet_activation_bytes
+from .report import InputReport, LayerReport, MergeReport
+from .settings import MergeSettings, Method
+
+LoraSource = str | Path | LoraFile | NormalizedLora | Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Concept:
+    """One LoRA to merge, with its strengths and the prompts that show its concept.
+
+    ``lora`` is a file path, a read :class:`LoraFile`, a :class:`NormalizedLora`, or a state dict.
+    ``strength`` scales its UNet layers and ``text_strength`` (default: ``strength``) its text
+    encoder layers. ``prompts`` (one or more) and ``negative_prompt`` are used to sample the
+    concept's own images, whose layer inputs drive the merge.
+    """
+
+    lora: LoraSource
+    prompts: Sequence[str] = ()
+    strength: float = 1.0
+    text_strength: float | None = None
+    negative_prompt: str = ""
+    name: str | None = None
+
+    def display_name(self, index: int) -> str:
+        if self.name:
+            return self.name
+        if isinstance(self.lora, (str, Path)):
+            return Path(self.lora).name
+        if isinstance(self.lora, (LoraFile, NormalizedLora)):
+            return self.lora.name
+        return f"LoRA {index + 1}"
+
+
+@dataclass
+class MergeResult:
+    lora: MergedLora
+    report: MergeReport
+    inputs: list[NormalizedLora] = field(default_factory=list)
+
+
+def open_backend(base: ModelBackend | str | Path, device: str | None = None,
+                 dtype: torch.dtype | None = None) -> ModelBackend:
+    """A backend for ``base``: a backend object is used as is; a path is loaded with diffusers."""
+    if isinstance(base, (str, Path)):
+        from .backends.diffusers_backend import DiffusersBackend
+        return DiffusersBackend.from_pretrained(base, device=device, dtype=dtype)
+    return base
+
+
+def load_concept_lora(concept: Concept, index: int, backend: ModelBackend) -> NormalizedLora:
+    """The concept's LoRA placed on the backend's layers; errors name the concept."""
+    table = backend.layer_table()
+    source = concept.lora
+    if isinstance(source, NormalizedLora):
+        unknown = [n for n in source.layers if n not in table]
+        if unknown:
+            raise IterisError(f"{source.name}: layer {unknown[0]} is not in the base model")
+        return source
+    if isinstance(source, Mapping):
+        return lora_from_tensors(concept.display_name(index), dict(source), table, backend.base_weight)
+    return load_lora(source, table, backend.base_weight)
+
+
+def _validate(concepts: Sequence[Concept], settings: MergeSettings) -> None:
+    if len(concepts) < 1:
+        raise SettingsError("give at least one LoRA to merge")
+    for i, concept in enumerate(concepts):
+        label = concept.display_name(i)
+        for what, value in (("strength", concept.strength), ("text_strength", concept.text_strength)):
+            if value is not None and not (-10.0 <= value <= 10.0):
+                raise SettingsError(f"{label}: {what} must be between -10 and 10, got {value}")
+        if settings.method.needs_model:
+            prompts = [p for p in concept.prompts if p.strip()]
+            if not prompts:
+                raise SettingsError(f"{label}: give at least one prompt that shows this LoRA's concept "
+                                    f"({settings.method.value} samples the concept's own images to merge)")
+
+
+def _prepare(concept: Concept, lora: NormalizedLora) -> PreparedConcept:
+    text_strength = concept.strength if concept.text_strength is None else concept.text_strength
+    return PreparedConcept(lora.name, lora.at_strength(concept.strength, text_strength),
+                           [p.strip() for p in concept.prompts if p.strip()], concept.negative_prompt)
+
+
+def _keep_components(deltas: dict[str, LowRankDelta], settings: MergeSettings) -> dict[str, LowRankDelta]:
+    return {n: d for n, d in deltas.items()
+            if (settings.merge_unet if n.startswith(UNET + ".") else settings.merge_text_encoder)}
+
+
+def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSettings, statistics_device: torch.device):
+    text_plans = loop._plans(loop.text_layers)
+    unet_plans = loop._plans(loop.unet_layers)
+    components = backend.layer_table().components
+    model_bytes = sum(backend.weights_bytes(c) for c in components)
+    table = backend.layer_table()
+    first_unet = next((i for n, i in table.layers.items() if n.startswith("unet.")), None)
+    height, width = backend.resolution(settings.sampling)
+    tokens = (height // 8) * (width // 8)
+    channels = first_unet.out_features if first_unet is not None else 320
+    rows = 2 * settings.sampling.batch_size * (2 if settings.sampling.guidance > 1 else 1)
+    bytes_per_value = torch.finfo(backend.dtype).bits // 8
+    activations = unet_activation_bytes(tokens, channels, rows, 8 * tokens * tokens, bytes_per_value,
+                                        attention_materialised=backend.device.type == "cpu")
+    return plan_memory(device=backend.device, statistics_device=statistics_device, model_bytes=model_bytes,
+                       stages=[text_plans, unet_plans], iterations=settings.effective_iterations,
+                       activation_bytes=activations), {n for p in (text_plans, unet_plans) for n in
+                                                       (q.name for q in p if q.subspace)}
+
+
+def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], settings: MergeSettings | None = None,
+                *, device: str | None = None, dtype: torch.dtype | None = None,
+                statistics_device: str | None = None, on_progress: ProgressFn | None = None,
+                should_stop: StopFn | None = None, log: LogFn | None = None) -> MergeResult:
+    """Merge ``concepts`` on ``base`` (a backend, a diffusers folder or a checkpoint file).
+
+    ``on_progress(done, total, message)`` is called after every model call; ``should_stop()``
+    is checked before each and a true value raises :class:`~iteris_core.errors.MergeInterrupted`.
+    ``statistics_device`` puts the statistics elsewhere than the model (default: the model's
+    device, or the CPU when the plan does not fit in free GPU memory).
+    """
+    settings = settings or MergeSettings()
+    log = log or (lambda message: None)
+    _validate(concepts, settings)
+    started = time.perf_counter()
+    backend = open_backend(base, device, dtype)
+    table = backend.layer_table()
+    loras = [load_concept_lora(c, i, backend) for i, c in enumerate(concepts)]
+    prepared = [_prepare(c, lora) for c, lora in zip(concepts, loras)]
+    for p in prepared:
+        p.deltas = _keep_components(p.deltas, settings)
+    if not any(p.deltas for p in prepared):
+        raise SettingsError("nothing to merge: every LoRA is at strength 0 or targets only components that "
+                            "are switched off")
+    timings = {"load": time.perf_counter() - started}
+    report = MergeReport(method=settings.method.value, settings=settings.to_dict(),
+                         base={"architecture": table.architecture, "layers": len(table),
+                               "identity": getattr(backend, "identity", table.architecture)},
+                         inputs=[InputReport(lora.name, lora.sha256, c.strength,
+                                             c.strength if c.text_strength is None else c.text_strength,
+                                             len(p.prompts), len(p.deltas), max(lora.ranks().values()),
+                                             list(lora.skipped))
+                                 for c, lora, p in zip(concepts, loras, prepared)])
+    for lora in loras:
+        report.warnings.extend(f"{lora.name}: {note}" for note in lora.skipped)
+
+    method = settings.method
+    subspace_layers: set[str] = set()
+    if method.needs_model:
+        stats_device = torch.device(statistics_device) if statistics_device else backend.device
+        loop = IterisLoop(backend, prepared, settings, stats_device=stats_device, log=log,
+                          on_progress=on_progress, should_stop=should_stop)
+        plan, subspace_layers = _memory_plan(backend, loop, settings, stats_device)
+        free = free_device_memory(backend.device)
+        if statistics_device is None and free is not None and plan.total_gb * 1024 ** 3 > free:
+            log(f"{plan.describe()}; only {free / 1024 ** 3:.2f} GB free: statistics go to the CPU")
+            loop.stats_device = torch.device("cpu")
+            plan, _ = _memory_plan(backend, loop, settings, loop.stats_device)
+        log(plan.describe())
+        report.memory = plan.to_dict()
+        text, unet = loop.run()
+        merged: dict[str, LowRankDelta] = {}
+        for stage in (text, unet):
+            if stage is not None:
+                merged.update(stage.merged)
+                report.add_stage(stage, subspace_layers)
+                timings[stage.iterations[0].stage] = sum(r.seconds for r in stage.iterations)
+    else:
+        deltas = [p.deltas for p in prepared]
+        if method is Method.LINEAR:
+            merged = linear_merge(deltas)
+        elif method is Method.CONCAT:
+            merged = concat_merge(deltas)
+        else:
+            merged, errors = ties_merge(deltas, settings.ties_density, settings.rank)
+        for name, delta in merged.items():
+            report.layers[name] = LayerReport(rank=delta.rank, mode=method.value,
+                                              truncation_error=errors.get(name) if method is Method.TIES else None)
+
+    if settings.rank is not None and method is not Method.TIES:
+        for name, delta in list(merged.items()):
+            cut = truncate(delta, settings.rank)
+            merged[name] = cut.delta
+            report.layers[name].rank = cut.delta.rank
+            report.layers[name].truncation_error = cut.relative_error
+
+    timings["total"] = time.perf_counter() - started
+    report.timings = timings
+    metadata = {"iteris_version": __version__, "iteris_method": method.value,
+                "iteris_settings": json.dumps(settings.to_dict(), sort_keys=True),
+                "iteris_inputs": json.dumps([{"name": i.name, "sha256": i.sha256, "strength": i.strength,
+                                              "text_strength": i.text_strength} for i in report.inputs]),
+                "iteris_base": json.dumps(report.base, sort_keys=True)}
+    return MergeResult(MergedLora(merged, table, metadata), report, loras)

@@ -1,0 +1,92 @@
+"""The model side of a merge, as an interface: diffusers and ComfyUI models plug in here.
+
+A backend exposes its target layers (canonical names, torch modules) and runs its model: the text
+encoders on prompts, the sampler along a trajectory, and single UNet forwards on stored samples.
+It never applies adapters itself: the engine's hooks do, per batch half, so the backend must keep
+the rows of a batch in the order it was given (no reordering, no splitting into halves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from ..layers import LayerTable
+from ..settings import SamplingSettings
+
+
+@dataclass
+class TextBatch:
+    """Text conditioning for a batch of prompts: named tensors with one row per prompt on dim 0
+    (e.g. the hidden states the UNet cross-attends to, and SDXL's pooled embedding)."""
+
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def select(self, rows: Sequence[int]) -> TextBatch:
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        return TextBatch({k: v.index_select(0, index.to(v.device)) for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | str) -> TextBatch:
+        return TextBatch({k: v.to(device) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(batches: Sequence[TextBatch]) -> TextBatch:
+        keys = batches[0].tensors.keys()
+        return TextBatch({k: torch.cat([b.tensors[k] for b in batches]) for k in keys})
+
+
+@dataclass
+class LatentSample:
+    """One kept point of a sampling trajectory: what the UNet reads at that step."""
+
+    latent: torch.Tensor     # (C, h, w), in the backend's own convention (stored on the CPU)
+    timestep: torch.Tensor   # scalar, in the backend's own time variable
+    step: int                # sampler step index it was taken at
+
+
+StepCallback = Callable[[int], None]
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """What the engine needs from a base model."""
+
+    architecture: str           # "sd1", "sd2", "sdxl" or "custom"
+    device: torch.device        # where forwards run
+    dtype: torch.dtype          # forward dtype (statistics are always fp32)
+
+    def layer_table(self) -> LayerTable:
+        """Target layers by canonical name (see :mod:`iteris_core.layers`)."""
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The torch module of every layer in :meth:`layer_table`."""
+
+    def roots(self, component: str) -> list[torch.nn.Module]:
+        """Top modules whose one forward call is one pass of ``component`` (call boundaries)."""
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        """A layer's base weight (fp32, CPU), for adapters that depend on it (DoRA)."""
+
+    def encode_text(self, prompts: Sequence[str]) -> TextBatch:
+        """Run the text encoder(s) on ``prompts`` (one batch, rows in order)."""
+
+    def sample(self, cond: TextBatch, uncond: TextBatch, seeds: Sequence[int], settings: SamplingSettings,
+               keep_steps: Sequence[int], on_step: StepCallback) -> list[list[LatentSample]]:
+        """Sample ``len(seeds)`` trajectories (row ``j`` of ``cond``/``uncond`` with ``seeds[j]``)
+        with classifier-free guidance, calling ``on_step(k)`` before the UNet call of step ``k``,
+        and return each trajectory's samples at ``keep_steps``."""
+
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextBatch) -> None:
+        """One UNet forward on a batch (rows of ``latents``, ``timesteps`` and ``cond`` aligned)."""
+
+    def resolution(self, settings: SamplingSettings) -> tuple[int, int]:
+        """(height, width) in pixels that samples are made at: the settings', or the model's own."""
+
+    def weights_bytes(self, component: str) -> int:
+        """Bytes of the component's weights on the device (for the memory plan)."""

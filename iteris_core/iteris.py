@@ -1,0 +1,321 @@
+"""The IterIS loop over a model's stages, in DAG order: text encoders first, then the UNet.
+
+Per stage, iteration 0 collects each concept's statistics on its own LoRA model (``Xt_i = X_i``)
+and solves: with uniform weights that is RegMean. Every later iteration runs each concept's
+samples twice in one paired batch (own LoRA | current merged LoRA), re-collects the statistics on
+the merged model's real inputs and solves again, until the merged deltas stop moving or the
+iteration budget is spent. The UNet's samples are points of each concept's own sampling
+trajectory, conditioned by its own text encoder (first half) and by the merged text encoder
+(second half); they are made once and reused unchanged in every iteration.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .activation_stats import LayerPlan, LayerWeights, StageStatistics
+from .adapter_hooks import HookSession, HookState
+from .backends.base import LatentSample, ModelBackend, TextBatch
+from .errors import MergeInterrupted, SettingsError
+from .layers import UNET, LayerTable, input_group
+from .low_rank import LowRankDelta
+from .settings import MergeSettings
+from .solver import row_space_basis
+
+ProgressFn = Callable[[int, int, str], None]
+StopFn = Callable[[], bool]
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class PreparedConcept:
+    """A concept as the loop uses it: deltas at strength, and its prompts."""
+
+    name: str
+    deltas: dict[str, LowRankDelta]
+    prompts: list[str]
+    negative_prompt: str = ""
+
+
+@dataclass
+class IterationRecord:
+    stage: str
+    iteration: int
+    seconds: float
+    objective: float | None = None      # mean relative objective of the model that made the inputs
+    max_change: float | None = None     # max over layers of ||D_t - D_{t-1}|| / ||D_{t-1}||
+    mean_change: float | None = None
+
+
+@dataclass
+class StageResult:
+    merged: dict[str, LowRankDelta]
+    iterations: list[IterationRecord] = field(default_factory=list)
+    layer_objective: dict[str, list[float]] = field(default_factory=dict)  # per layer, per iteration >= 1
+    layer_change: dict[str, list[float]] = field(default_factory=dict)
+    weights: dict[str, LayerWeights] = field(default_factory=dict)
+    converged: bool = False
+    samples: int = 0                     # model inputs per concept (rows per pass)
+    tokens_kept_gb: float = 0.0
+
+
+def relative_change(new: LowRankDelta, old: LowRankDelta) -> float:
+    """``||new - old||_F / ||old||_F`` from the factors, without forming either matrix."""
+    difference = LowRankDelta(torch.cat([new.up * new.scale, -old.up * old.scale], dim=1),
+                              torch.cat([new.down, old.down], dim=0))
+    reference = old.frobenius_sq()
+    return math.sqrt(max(difference.frobenius_sq(), 0.0) / reference) if reference > 0 else 0.0
+
+
+class Progress:
+    """Counts model calls against a planned total; checks for a stop request before each."""
+
+    def __init__(self, total: int, on_progress: ProgressFn | None, should_stop: StopFn | None):
+        self.total = max(total, 1)
+        self.done = 0
+        self.on_progress = on_progress
+        self.should_stop = should_stop
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise MergeInterrupted("merge interrupted")
+
+    def step(self, message: str, count: int = 1) -> None:
+        self.done = min(self.done + count, self.total)
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total, message)
+
+
+def _chunks(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class IterisLoop:
+    """Runs IterIS (or RegMean: no iteration, uniform weights) on a backend."""
+
+    def __init__(self, backend: ModelBackend, concepts: list[PreparedConcept], settings: MergeSettings,
+                 *, stats_device: torch.device | str | None = None, log: LogFn | None = None,
+                 on_progress: ProgressFn | None = None, should_stop: StopFn | None = None):
+        if not concepts:
+            raise SettingsError("no concept to merge")
+        self.backend = backend
+        self.concepts = concepts
+        self.settings = settings
+        self.table: LayerTable = backend.layer_table()
+        self.stats_device = torch.device(stats_device) if stats_device is not None else backend.device
+        self.log = log or (lambda message: None)
+        self.sampling = settings.sampling
+        self.use_cfg = self.sampling.guidance > 1.0
+        self.text_layers = sorted({n for c in concepts for n in c.deltas if not n.startswith(UNET + ".")},
+                                  key=list(self.table.layers).index) if settings.merge_text_encoder else []
+        self.unet_layers = sorted({n for c in concepts for n in c.deltas if n.startswith(UNET + ".")},
+                                  key=list(self.table.layers).index) if settings.merge_unet else []
+        self.progress = Progress(self.planned_calls(), on_progress, should_stop)
+
+    # -- planning --------------------------------------------------------------------------------
+    def text_prompts(self, concept: PreparedConcept) -> list[str]:
+        """The text samples of a concept: its prompts, then its negative prompt when CFG uses it."""
+        return list(concept.prompts) + ([concept.negative_prompt] if self.use_cfg else [])
+
+    def trajectories(self, concept: PreparedConcept) -> list[tuple[int, int]]:
+        """(prompt index, seed) of each trajectory sampled for a concept."""
+        s = self.sampling
+        return [(p, s.seed + p * s.samples_per_prompt + k) for p in range(len(concept.prompts))
+                for k in range(s.samples_per_prompt)]
+
+    def planned_calls(self) -> int:
+        """Model calls the merge will make at most (for progress reporting)."""
+        iterations = 1 + self.settings.effective_iterations
+        text = len(self.concepts) * (iterations + 1)
+        unet = 0
+        if self.unet_layers:
+            for c in self.concepts:
+                trajectories = len(self.trajectories(c))
+                unet += math.ceil(trajectories / self.sampling.batch_size) * self.sampling.steps
+                samples = trajectories * len(self.sampling.kept_steps())
+                unet += math.ceil(samples / self.sampling.batch_size) * self.settings.effective_iterations
+        return text + unet
+
+    def _plans(self, layers: list[str]) -> list[LayerPlan]:
+        plans = []
+        for name in layers:
+            info = self.table[name]
+            deltas = [c.deltas.get(name) for c in self.concepts]
+            present = [d for d in deltas if d is not None]
+            needs_row_space = info.input_dim > self.settings.max_full_dim
+            basis = row_space_basis(present) if needs_row_space else None
+            plans.append(LayerPlan(name, info, input_group(name), deltas, basis))
+        return plans
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self) -> tuple[StageResult | None, StageResult | None]:
+        """Merge the text encoders, then the UNet. Returns their results (None if not merged)."""
+        text = self._run_text() if self.text_layers else None
+        own_cond, merged_cond = self._conditioning(text.merged if text else {})
+        unet = self._run_unet(own_cond, merged_cond) if self.unet_layers else None
+        return text, unet
+
+    def _session(self, layers: list[str], component_roots: list[torch.nn.Module]) -> HookSession:
+        modules = self.backend.modules()
+        return HookSession({n: modules[n] for n in layers}, {n: self.table[n] for n in layers}, component_roots,
+                           {n: input_group(n) for n in layers},
+                           max_tokens_per_sample=self.settings.max_tokens_per_sample, seed=self.sampling.seed)
+
+    def _stats(self, plans: list[LayerPlan], weights: dict[str, LayerWeights] | None) -> StageStatistics:
+        return StageStatistics(plans, regularization=self.settings.regularization,
+                               adaptive=self.settings.uses_adaptive_weights, device=self.stats_device,
+                               weights=weights, seed=self.sampling.seed)
+
+    def _iterate(self, stage: str, layers: list[str], roots: list[torch.nn.Module],
+                 single_pass: Callable[[int, HookSession, HookState], None],
+                 paired_pass: Callable[[int, HookSession, HookState], None]) -> StageResult:
+        plans = self._plans(layers)
+        result = StageResult(merged={})
+        with self._session(layers, roots) as session:
+            for iteration in range(self.settings.effective_iterations + 1):
+                started = time.perf_counter()
+                stats = self._stats(plans, result.weights if iteration else None)
+                for i, concept in enumerate(self.concepts):
+                    first = {n: d for n, d in concept.deltas.items() if n in stats.layers}
+                    if iteration == 0:
+                        single_pass(i, session, HookState(first=first, stats=stats, concept=i))
+                    else:
+                        paired_pass(i, session, HookState(first=first, second=result.merged, stats=stats, concept=i))
+                    stats.finish_concept(i)
+                if iteration == 0:
+                    result.weights = stats.weights
+                objective = stats.relative_objective()
+                merged = stats.solve()
+                record = IterationRecord(stage, iteration, 0.0)
+                if iteration:
+                    for name, value in objective.items():
+                        result.layer_objective.setdefault(name, []).append(value)
+                    record.objective = sum(objective.values()) / max(len(objective), 1)
+                    changes = {n: relative_change(merged[n], result.merged[n]) for n in merged}
+                    for name, value in changes.items():
+                        result.layer_change.setdefault(name, []).append(value)
+                    record.max_change = max(changes.values())
+                    record.mean_change = sum(changes.values()) / len(changes)
+                result.merged = merged
+                record.seconds = time.perf_counter() - started
+                result.iterations.append(record)
+                self.log(self._describe(record))
+                if record.max_change is not None and record.max_change < self.settings.tolerance:
+                    result.converged = True
+                    break
+        return result
+
+    @staticmethod
+    def _describe(record: IterationRecord) -> str:
+        text = f"[{record.stage}] iteration {record.iteration}: {record.seconds:.1f} s"
+        if record.objective is not None:
+            text += f", objective {record.objective:.4g}, change max {record.max_change:.3g} mean {record.mean_change:.3g}"
+        return text
+
+    # -- text encoders ---------------------------------------------------------------------------
+    def _text_roots(self) -> list[torch.nn.Module]:
+        components = sorted({self.table[n].component for n in self.text_layers})
+        return [root for c in components for root in self.backend.roots(c)]
+
+    def _run_text(self) -> StageResult:
+        self._own_text: dict[int, TextBatch] = {}
+
+        def single(i: int, session: HookSession, state: HookState) -> None:
+            self.progress.check()
+            with session.active(state), torch.no_grad():
+                self._own_text[i] = self.backend.encode_text(self.text_prompts(self.concepts[i])).to("cpu")
+            self.progress.step(f"text encoder: concept {i + 1}/{len(self.concepts)}")
+
+        def paired(i: int, session: HookSession, state: HookState) -> None:
+            self.progress.check()
+            prompts = self.text_prompts(self.concepts[i])
+            with session.active(state), torch.no_grad():
+                self.backend.encode_text(prompts + prompts)
+            self.progress.step(f"text encoder: concept {i + 1}/{len(self.concepts)}")
+
+        self.log(f"[text] merging {len(self.text_layers)} layers of {len(self.concepts)} concepts")
+        return self._iterate("text", self.text_layers, self._text_roots(), single, paired)
+
+    def _conditioning(self, merged_text: dict[str, LowRankDelta]) -> tuple[list[TextBatch], list[TextBatch]]:
+        """Each concept's text conditioning under its own LoRA and under the merged LoRA."""
+        own_cached = getattr(self, "_own_text", {})
+        text_layers = [n for n in self.table.layers if not n.startswith(UNET + ".")]
+        own, merged = [], []
+        with self._session(text_layers, []) as session:
+            for i, concept in enumerate(self.concepts):
+                prompts = self.text_prompts(concept)
+                if i in own_cached:
+                    own.append(own_cached[i])
+                else:
+                    state = HookState(first={n: d for n, d in concept.deltas.items() if n in session.modules})
+                    with session.active(state), torch.no_grad():
+                        own.append(self.backend.encode_text(prompts).to("cpu"))
+                self.progress.check()
+                with session.active(HookState(first=dict(merged_text))), torch.no_grad():
+                    merged.append(self.backend.encode_text(prompts).to("cpu"))
+                self.progress.step(f"text conditioning: concept {i + 1}/{len(self.concepts)}")
+        return own, merged
+
+    # -- UNet ------------------------------------------------------------------------------------
+    def _rows(self, concept: PreparedConcept, cond: TextBatch, prompt_rows: list[int]) -> TextBatch:
+        """Conditioning rows for samples of the given prompts: uncond rows, then cond rows."""
+        if not self.use_cfg:
+            return cond.select(prompt_rows)
+        negative = len(concept.prompts)
+        return TextBatch.cat([cond.select([negative] * len(prompt_rows)), cond.select(prompt_rows)])
+
+    def _run_unet(self, own_cond: list[TextBatch], merged_cond: list[TextBatch]) -> StageResult:
+        samples: dict[int, list[tuple[int, LatentSample]]] = {}
+        keep = self.sampling.kept_steps()
+        device = self.backend.device
+
+        def single(i: int, session: HookSession, state: HookState) -> None:
+            concept = self.concepts[i]
+            stats = state.stats
+            samples[i] = []
+            for chunk in _chunks(self.trajectories(concept), self.sampling.batch_size):
+                rows = [p for p, _ in chunk]
+                cond = own_cond[i].to(device)
+                negative = len(concept.prompts)
+
+                def on_step(step: int) -> None:
+                    self.progress.check()
+                    state.stats = stats if step in keep else None
+                    self.progress.step(f"UNet: sampling concept {i + 1}/{len(self.concepts)} (step {step + 1})")
+
+                uncond = cond.select([negative] * len(rows)) if self.use_cfg else cond.select(rows)
+                with session.active(state), torch.no_grad():
+                    kept = self.backend.sample(cond.select(rows), uncond, [seed for _, seed in chunk],
+                                               self.sampling, keep, on_step)
+                for (prompt, _), trajectory in zip(chunk, kept):
+                    samples[i].extend((prompt, s) for s in trajectory)
+            state.stats = stats
+
+        def paired(i: int, session: HookSession, state: HookState) -> None:
+            concept = self.concepts[i]
+            for chunk in _chunks(samples[i], self.sampling.batch_size):
+                self.progress.check()
+                prompts = [p for p, _ in chunk]
+                latents = torch.stack([s.latent for _, s in chunk])
+                timesteps = torch.stack([s.timestep for _, s in chunk])
+                copies = 2 if self.use_cfg else 1
+                half_latents = latents.repeat(copies, *[1] * (latents.dim() - 1))
+                half_times = timesteps.repeat(copies)
+                cond = TextBatch.cat([self._rows(concept, own_cond[i], prompts),
+                                      self._rows(concept, merged_cond[i], prompts)]).to(device)
+                with session.active(state), torch.no_grad():
+                    self.backend.denoise(torch.cat([half_latents, half_latents]).to(device),
+                                         torch.cat([half_times, half_times]).to(device), cond)
+                self.progress.step(f"UNet: iteration, concept {i + 1}/{len(self.concepts)}")
+
+        self.log(f"[unet] merging {len(self.unet_layers)} layers of {len(self.concepts)} concepts; "
+                 f"{len(self.trajectories(self.concepts[0]))} trajectories per concept, "
+                 f"{len(keep)} kept timesteps each")
+        result = self._iterate("unet", self.unet_layers, self.backend.roots(UNET), single, paired)
+        result.samples = sum(len(v) for v in samples.values())
+        return result

@@ -1,0 +1,90 @@
+"""What a merge did, in numbers: per stage and iteration, per layer, timings and memory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .iteris import IterationRecord, StageResult
+
+
+@dataclass
+class InputReport:
+    name: str
+    sha256: str | None
+    strength: float
+    text_strength: float
+    prompts: int
+    layers: int
+    rank: int                  # largest rank over its layers
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LayerReport:
+    rank: int
+    mode: str                               # "closed form", "row space", or the baseline's name
+    objective: list[float] = field(default_factory=list)   # relative, per iteration >= 1
+    change: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)     # lam_i per concept
+    truncation_error: float | None = None
+
+
+@dataclass
+class MergeReport:
+    method: str
+    settings: dict
+    base: dict
+    inputs: list[InputReport]
+    iterations: list[IterationRecord] = field(default_factory=list)
+    converged: dict[str, bool] = field(default_factory=dict)
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def add_stage(self, stage: StageResult, plans_subspace: set[str]) -> None:
+        self.iterations.extend(stage.iterations)
+        if stage.iterations:
+            self.converged[stage.iterations[0].stage] = stage.converged
+        for name, delta in stage.merged.items():
+            self.layers[name] = LayerReport(
+                rank=delta.rank, mode="row space" if name in plans_subspace else "closed form",
+                objective=stage.layer_objective.get(name, []), change=stage.layer_change.get(name, []),
+                weights=list(stage.weights[name].lam) if name in stage.weights else [])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    def summary(self) -> str:
+        """A few lines for people: what was merged, how it converged, how long it took."""
+        lines = [f"{self.method} merge of {len(self.inputs)} LoRAs on {self.base.get('architecture', '?')} "
+                 f"({len(self.layers)} layers, total rank {sum(l.rank for l in self.layers.values())})"]
+        for item in self.inputs:
+            lines.append(f"  {item.name}: strength {item.strength:g} (text {item.text_strength:g}), "
+                         f"{item.layers} layers, rank {item.rank}")
+        for record in self.iterations:
+            text = f"  [{record.stage}] iteration {record.iteration}: {record.seconds:.1f} s"
+            if record.objective is not None:
+                text += (f", relative objective {record.objective:.4f}, change max {record.max_change:.2e} "
+                         f"mean {record.mean_change:.2e}")
+            lines.append(text)
+        for stage, done in self.converged.items():
+            lines.append(f"  {stage}: {'converged' if done else 'stopped at the iteration limit'}")
+        errors = [l.truncation_error for l in self.layers.values() if l.truncation_error is not None]
+        if errors:
+            lines.append(f"  rank truncation: relative error mean {sum(errors) / len(errors):.3f}, "
+                         f"max {max(errors):.3f}")
+        if self.timings:
+            lines.append("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
+        if self.memory:
+            lines.append(f"  memory plan: {self.memory.get('total_gb', 0):.2f} GB on {self.memory.get('device')}")
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Typed, validated settings. Strings (from the CLI or a ComfyUI widget) become these objects at the
+edge; everything inside the engine takes them."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+
+from .errors import SettingsError
+
+
+class Method(str, enum.Enum):
+    """Merge methods. IterIS is the point of the pack; the others are baselines and options."""
+
+    ITERIS = "iteris"    # closed form on the merged model's own inputs, iterated
+    REGMEAN = "regmean"  # closed form on each LoRA model's inputs, uniform weights, no iteration
+    LINEAR = "linear"    # average of the deltas (strength / N each)
+    CONCAT = "concat"    # sum of the deltas: what stacked LoraLoaders do
+    TIES = "ties"        # trim, elect sign, disjoint mean on dense deltas, then factorised
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether the method runs the model to collect layer statistics."""
+        return self in (Method.ITERIS, Method.REGMEAN)
+
+    @classmethod
+    def parse(cls, value: str | Method) -> Method:
+        try:
+            return cls(value.lower() if isinstance(value, str) else value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise SettingsError(f"method must be one of {choices}, got {value!r}") from None
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise SettingsError(message)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the samples that feed the statistics are made.
+
+    For each concept, every prompt is sampled with ``samples_per_prompt`` seeds by the concept's
+    own LoRA model for ``steps`` sampler steps (Euler, classifier-free guidance ``guidance``); the
+    latents at ``timesteps`` evenly spread points of that trajectory are kept and reused, unchanged,
+    in every IterIS iteration. A UNet sample is one kept latent with the prompt's conditioning
+    (and one with the negative prompt, since the sampler uses both).
+    """
+
+    samples_per_prompt: int = 2
+    timesteps: int = 4
+    steps: int = 20
+    guidance: float = 7.5
+    width: int | None = None    # None: the model's native resolution (512 for SD1.x, 1024 for SDXL)
+    height: int | None = None
+    seed: int = 0
+    batch_size: int = 4         # UNet samples per forward (each is run twice in a paired batch)
+
+    def __post_init__(self) -> None:
+        _check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(1 <= self.timesteps <= self.steps,
+               f"timesteps must be between 1 and steps ({self.steps}), got {self.timesteps}")
+        _check(self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        for side, value in (("width", self.width), ("height", self.height)):
+            _check(value is None or (value >= 64 and value % 8 == 0),
+                   f"{side} must be a multiple of 8 and >= 64, got {value}")
+
+    def kept_steps(self) -> list[int]:
+        """Indices (0-based, into the sampler's steps) of the latents kept as samples: evenly
+        spread from the first step (pure noise) towards the end, never the final denoised image."""
+        if self.timesteps == 1:
+            return [0]
+        last = self.steps - 1
+        return sorted({round(i * last / self.timesteps) for i in range(self.timesteps)})
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """Everything that decides the merged LoRA. Frozen, so it can key caches."""
+
+    method: Method = Method.ITERIS
+    iterations: int = 3          # IterIS iterations after iteration 0 (which is RegMean-like)
+    regularization: float = 1e-4  # the paper's alpha: ridge a*||G||_F*I added to each Gram matrix
+    adaptive_weights: bool = True  # the paper's lambda_i; RegMean uses uniform weights
+    tolerance: float = 1e-3       # stop when every stage's relative change of the deltas is below
+    rank: int | None = None       # None: exact merged rank (sum of input ranks); else truncate
+    ties_density: float = 0.2     # TIES: fraction of each delta's entries kept
+    max_full_dim: int = 5120      # layers with a wider input are solved in the LoRAs' row space
+    max_tokens_per_sample: int | None = None  # spatial token sub-sampling for the statistics
+    merge_text_encoder: bool = True
+    merge_unet: bool = True
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method.parse(self.method))
+        _check(0 <= self.iterations <= 100, f"iterations must be between 0 and 100, got {self.iterations}")
+        _check(self.regularization >= 0, f"regularization must be >= 0, got {self.regularization}")
+        _check(self.tolerance >= 0, f"tolerance must be >= 0, got {self.tolerance}")
+        _check(self.rank is None or self.rank >= 1, f"rank must be >= 1 (or None for exact), got {self.rank}")
+        _check(0 < self.ties_density <= 1, f"ties_density must be in (0, 1], got {self.ties_density}")
+        _check(self.max_full_dim >= 1, f"max_full_dim must be >= 1, got {self.max_full_dim}")
+        _check(self.max_tokens_per_sample is None or self.max_tokens_per_sample >= 1,
+               f"max_tokens_per_sample must be >= 1 or None, got {self.max_tokens_per_sample}")
+        _check(self.merge_text_encoder or self.merge_unet, "nothing to merge: both merge_unet and "
+               "merge_text_encoder are off")
+
+    @property
+    def effective_iterations(self) -> int:
+        """Iterations actually run after iteration 0 (RegMean never iterates)."""
+        return self.iterations if self.method is Method.ITERIS else 0
+
+    @property
+    def uses_adaptive_weights(self) -> bool:
+        return self.adaptive_weights and self.method is Method.ITERIS
+
+    def replace(self, **changes) -> MergeSettings:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able form (for metadata and reports)."""
+        out = dataclasses.asdict(self)
+        out["method"] = self.method.value
+        return out

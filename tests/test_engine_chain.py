@@ -1,0 +1,112 @@
+"""The whole IterIS loop on a chain of layers, against statistics recomputed by brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chain_backend import ChainBackend, random_deltas
+from iteris_core import Concept, MergeSettings, SamplingSettings, merge_loras
+from iteris_core.lora_normalize import NormalizedLora
+from iteris_core.solver import closed_form_dense
+
+PROMPTS = (["alpha one", "alpha two"], ["beta one", "beta two"])
+SAMPLING = SamplingSettings(samples_per_prompt=3, timesteps=1, steps=1, guidance=1.0, batch_size=2, seed=5)
+
+
+def _concepts(backend, seeds=(1, 2)):
+    return [Concept(NormalizedLora(f"c{s}", random_deltas(backend, s)), list(p)) for s, p in zip(seeds, PROMPTS)]
+
+
+def _merge(backend, concepts, **settings):
+    settings.setdefault("sampling", SAMPLING)
+    return merge_loras(backend, concepts, MergeSettings(**settings))
+
+
+def _samples(backend, concept: Concept) -> torch.Tensor:
+    """The samples the loop draws for a concept (same seeds as IterisLoop.trajectories)."""
+    means = backend.encode_text(concept.prompts).tensors["mean"]
+    s = SAMPLING
+    return torch.stack([backend.inputs(means[p], s.seed + p * s.samples_per_prompt + k)
+                        for p in range(len(concept.prompts)) for k in range(s.samples_per_prompt)])
+
+
+def _dense(lora: NormalizedLora, names):
+    return [lora.layers[n].dense() for n in names]
+
+
+def test_streaming_statistics_equal_brute_force_two_iterations():
+    backend = ChainBackend()
+    concepts = _concepts(backend)
+    a = 1e-3
+    result = _merge(backend, concepts, iterations=1, tolerance=0.0, regularization=a)
+
+    names = backend.names
+    deltas = [_dense(c.lora, names) for c in concepts]
+    samples = [_samples(backend, c) for c in concepts]
+    own = [backend.layer_inputs(x, d) for x, d in zip(samples, deltas)]   # X_i per layer (n x d)
+    lams = []
+    for layer in range(len(names)):
+        lams.append([float(d[layer].pow(2).sum()) / float((x[layer] @ d[layer].T).pow(2).sum() / x[layer].shape[0])
+                     for d, x in zip(deltas, own)])
+    first = [closed_form_dense([d[l] for d in deltas], [x[l].T for x in own], [x[l].T for x in own], lams[l], a)
+             for l in range(len(names))]
+    merged_inputs = [backend.layer_inputs(x, [f.float() for f in first]) for x in samples]
+    second = [closed_form_dense([d[l] for d in deltas], [x[l].T for x in own], [xt[l].T for xt in merged_inputs],
+                                lams[l], a) for l in range(len(names))]
+
+    for l, name in enumerate(names):
+        got = result.lora.layers[name].dense().double()
+        assert torch.allclose(got, second[l], rtol=1e-3, atol=1e-4), name
+        assert result.report.layers[name].weights == pytest.approx(lams[l], rel=1e-4)
+    assert result.report.layers[names[-1]].change[0] > 1e-3   # the deep layer really moved
+
+
+def test_converges_within_depth_minus_one_iterations():
+    depth = 4
+    backend = ChainBackend(depth=depth)
+    result = _merge(backend, _concepts(backend), iterations=depth + 2, tolerance=0.0)
+    for index, name in enumerate(backend.names):
+        changes = result.report.layers[name].change      # iteration 1, 2, ...
+        settled = changes[index:]                        # layer `index` is final after iteration `index`
+        assert max(settled) < 1e-5, (name, changes)
+        if index:
+            assert changes[index - 1] > 1e-4, (name, changes)
+    unet = [r for r in result.report.iterations if r.stage == "unet"]
+    assert unet[depth].max_change < 1e-5                 # iteration `depth` changes nothing: D^(depth-1) is final
+
+
+def test_early_stop_when_deltas_stop_moving():
+    depth = 3
+    backend = ChainBackend(depth=depth)
+    result = _merge(backend, _concepts(backend), iterations=20, tolerance=1e-5)
+    unet = [r for r in result.report.iterations if r.stage == "unet"]
+    assert len(unet) <= depth + 1
+    assert result.report.converged["unet"]
+
+
+def _output_error(backend, concepts, merged) -> float:
+    names = backend.names
+    total = 0.0
+    for concept in concepts:
+        x = _samples(backend, concept)
+        own = backend.output(x, _dense(concept.lora, names))
+        mine = backend.output(x, [merged.layers[n].dense() for n in names])
+        total += float((own - mine).pow(2).mean())
+    return total
+
+
+def test_iteris_beats_regmean_and_linear_on_the_concepts_samples():
+    backend = ChainBackend(depth=5, width=16)
+    concepts = _concepts(backend)
+    errors = {method: _output_error(backend, concepts, _merge(backend, concepts, method=method, iterations=6).lora)
+              for method in ("iteris", "regmean", "linear")}
+    assert errors["iteris"] < errors["regmean"] < errors["linear"], errors
+
+
+def test_one_lora_is_reproduced():
+    backend = ChainBackend()
+    concept = _concepts(backend)[:1]
+    result = _merge(backend, concept, iterations=2)
+    for name, delta in concept[0].lora.layers.items():
+        assert torch.allclose(result.lora.layers[name].dense(), delta.dense(), rtol=1e-3, atol=1e-5)

@@ -1,0 +1,168 @@
+"""The closed forms against brute force (torch.linalg.lstsq on the stacked problem)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iteris_core.baselines import ties_dense, trim
+from iteris_core.errors import SolverError
+from iteris_core.low_rank import LowRankDelta, factorize_exact, stack, truncate
+from iteris_core.solver import (ConceptTerm, closed_form_dense, ridge, row_space_basis, solve_full,
+                                solve_subspace)
+
+torch.manual_seed(0)
+
+
+def _problem(n_concepts=3, d=12, o=7, ranks=(2, 3, 1), tokens=(40, 25, 60), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    deltas, xs, xts = [], [], []
+    for i in range(n_concepts):
+        up = torch.randn(o, ranks[i], generator=g, dtype=torch.float64)
+        down = torch.randn(ranks[i], d, generator=g, dtype=torch.float64)
+        deltas.append(LowRankDelta(up, down, 0.5 + i))
+        x = torch.randn(d, tokens[i], generator=g, dtype=torch.float64) * (1 + i)
+        xs.append(x)
+        xts.append(x + 0.3 * torch.randn(d, tokens[i], generator=g, dtype=torch.float64))
+    weights = [0.7, 1.3, 2.0][:n_concepts]
+    return deltas, xs, xts, weights
+
+
+def brute_force(deltas, xs, xts, weights, a):
+    """Solve min_D sum_i lam_i [||D Xt - dW X||^2 / n + a||K|| ||D - (|C|/|K|) dW||^2] by lstsq."""
+    rows, targets = [], []
+    for delta, x, xt, lam in zip(deltas, xs, xts, weights):
+        dw = delta.dense().double()
+        n = x.shape[1]
+        k_norm = float(torch.linalg.matrix_norm(xt @ xt.T / n))
+        c_norm = float(torch.linalg.matrix_norm(x @ xt.T / n))
+        rows.append((lam / n) ** 0.5 * xt.T)
+        targets.append((lam / n) ** 0.5 * (dw @ x).T)
+        if a > 0:
+            w = (lam * a * k_norm) ** 0.5
+            rows.append(w * torch.eye(x.shape[0], dtype=torch.float64))
+            targets.append(w * (c_norm / k_norm) * dw.T)
+    solution = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution
+    return solution.T
+
+
+@pytest.mark.parametrize("a", [0.0, 1e-4, 1e-2])
+def test_closed_form_equals_lstsq(a):
+    deltas, xs, xts, weights = _problem()
+    dense = closed_form_dense([d.dense().double() for d in deltas], xs, xts, weights, a)
+    expected = brute_force(deltas, xs, xts, weights, a)
+    assert torch.allclose(dense, expected, rtol=1e-8, atol=1e-10)
+
+
+def _terms_and_system(deltas, xs, xts, weights, a):
+    system = torch.zeros(xs[0].shape[0], xs[0].shape[0], dtype=torch.float64)
+    terms = []
+    for delta, x, xt, lam in zip(deltas, xs, xts, weights):
+        n = x.shape[1]
+        k, c = xt @ xt.T / n, x @ xt.T / n
+        system += lam * ridge(k, a)
+        terms.append(ConceptTerm(delta, lam, delta.down @ c, float(torch.linalg.matrix_norm(c))))
+    return terms, system
+
+
+@pytest.mark.parametrize("a", [1e-5, 1e-3])
+def test_exact_low_rank_form_equals_dense_solution(a):
+    deltas, xs, xts, weights = _problem()
+    terms, system = _terms_and_system(deltas, xs, xts, weights, a)
+    merged = solve_full(system, terms, a, "layer")
+    assert merged.rank == sum(d.rank for d in deltas)          # up matrices kept, rank = sum r_i
+    for i, d in enumerate(deltas):                              # ... and they really are the B_i
+        start = sum(x.rank for x in deltas[:i])
+        assert torch.allclose(merged.up[:, start:start + d.rank], d.up.float())
+    expected = brute_force(deltas, xs, xts, weights, a)
+    assert torch.allclose(merged.dense().double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_single_lora_is_reproduced_exactly():
+    deltas, xs, _, _ = _problem(n_concepts=1, ranks=(3,), tokens=(30,))
+    terms, system = _terms_and_system(deltas, xs, xs, [1.7], 1e-4)
+    merged = solve_full(system, terms, 1e-4, "layer")
+    assert torch.allclose(merged.dense(), deltas[0].dense().float(), rtol=1e-5, atol=1e-6)
+
+
+def test_row_space_solution_is_the_restricted_least_squares():
+    deltas, xs, xts, weights = _problem()
+    a = 1e-3
+    basis = row_space_basis(deltas).double()
+    r = basis.shape[0]
+    assert r == sum(d.rank for d in deltas)
+    # projected statistics, exact norms
+    system = torch.zeros(r, r, dtype=torch.float64)
+    rhs = torch.zeros(deltas[0].out_features, r, dtype=torch.float64)
+    for delta, x, xt, lam in zip(deltas, xs, xts, weights):
+        n = x.shape[1]
+        k, c = xt @ xt.T / n, x @ xt.T / n
+        k_hat, c_hat = basis @ k @ basis.T, basis @ c @ basis.T
+        system += lam * (k_hat + a * float(torch.linalg.matrix_norm(k)) * torch.eye(r, dtype=torch.float64))
+        coords = delta.down @ basis.T
+        rhs += delta.scale * lam * (delta.up @ coords) @ (c_hat + a * float(torch.linalg.matrix_norm(c)) *
+                                                          torch.eye(r, dtype=torch.float64))
+    merged = solve_subspace(system, rhs, basis, "layer")
+    # brute force over D = U Q: unknown U^T (r x o), rows Q Xt etc.
+    rows, targets = [], []
+    for delta, x, xt, lam in zip(deltas, xs, xts, weights):
+        n = x.shape[1]
+        dw = delta.dense().double()
+        k_norm = float(torch.linalg.matrix_norm(xt @ xt.T / n))
+        c_norm = float(torch.linalg.matrix_norm(x @ xt.T / n))
+        rows.append((lam / n) ** 0.5 * (basis @ xt).T)
+        targets.append((lam / n) ** 0.5 * (dw @ x).T)
+        w = (lam * a * k_norm) ** 0.5
+        rows.append(w * torch.eye(r, dtype=torch.float64))
+        targets.append(w * (c_norm / k_norm) * (dw @ basis.T).T)
+    u = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution.T
+    assert torch.allclose(merged.dense().double(), u @ basis, rtol=1e-4, atol=1e-5)
+
+
+def test_singular_system_names_the_layer():
+    deltas, xs, _, _ = _problem(n_concepts=1, ranks=(2,), tokens=(3,))   # 3 tokens, d = 12, no ridge
+    terms, system = _terms_and_system(deltas, xs, xs, [1.0], 0.0)
+    with pytest.raises(SolverError, match="unet.some.layer.*singular.*regularisation"):
+        solve_full(system, terms, 0.0, "unet.some.layer")
+
+
+def test_non_finite_statistics_are_refused():
+    deltas, xs, _, _ = _problem(n_concepts=1, ranks=(2,), tokens=(30,))
+    terms, system = _terms_and_system(deltas, xs, xs, [1.0], 1e-4)
+    system[0, 0] = float("nan")
+    with pytest.raises(SolverError, match="NaN"):
+        solve_full(system, terms, 1e-4, "x")
+
+
+def test_factorize_exact_and_truncate_match_svd():
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(20, 6, generator=g) @ torch.randn(6, 30, generator=g)
+    factors = factorize_exact(dense)
+    assert factors.rank == 6
+    assert torch.allclose(factors.dense(), dense, rtol=1e-5, atol=1e-5)
+    assert factorize_exact(torch.zeros(5, 5)) is None
+    cut = truncate(factors, 2)
+    s = torch.linalg.svdvals(dense.double())
+    expected_error = float((s[2:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+    assert cut.delta.rank == 2
+    assert abs(cut.relative_error - expected_error) < 1e-6
+    actual = float((cut.delta.dense() - dense).norm() / dense.norm())
+    assert abs(actual - expected_error) < 1e-5
+    assert truncate(factors, 10).relative_error == 0.0
+
+
+def test_stack_is_the_sum_of_deltas():
+    a = LowRankDelta(torch.randn(5, 2), torch.randn(2, 4), 0.5)
+    b = LowRankDelta(torch.randn(5, 3), torch.randn(3, 4), 2.0)
+    assert torch.allclose(stack([a, b]).dense(), a.dense() + b.dense(), atol=1e-6)
+    assert abs(a.frobenius_sq() - float(a.dense().pow(2).sum())) < 1e-4
+
+
+def test_ties_by_hand():
+    x = torch.tensor([[1.0, -2.0], [0.1, 4.0]])
+    y = torch.tensor([[3.0, 1.0], [-0.2, -1.0]])
+    assert torch.equal(trim(x, 0.5), torch.tensor([[0.0, -2.0], [0.0, 4.0]]))
+    # trimmed: x -> [[0,-2],[0,4]], y -> [[3,0],[0,-1]]; signs: [+, -], [0 -> none, +]
+    merged = ties_dense([x, y], 0.5)
+    assert torch.allclose(merged, torch.tensor([[3.0, -2.0], [0.0, 4.0]]))
+    assert torch.equal(ties_dense([x], 1.0), x)
