@@ -63,16 +63,19 @@ def _diagnose_non_safetensors(path: Path, head: bytes, size: int) -> str | None:
     return None
 
 
+def _looks_like_text(data: bytes) -> bool:
+    """Printable UTF-8 (a multi-byte character cut at the end of ``data`` is allowed)."""
+    text = data.decode("utf-8", errors="replace").rstrip("\ufffd")
+    if not text or "\ufffd" in text:
+        return False
+    return all(c.isprintable() or c in "\t\r\n" for c in text)
+
+
 def _check_header(path: Path, raw: bytes, size: int) -> dict:
     """Parse and sanity-check the safetensors header so truncation and corruption get plain words."""
     (header_len,) = struct.unpack("<Q", raw[:8])
     if header_len > _MAX_HEADER_BYTES or header_len + 8 > size:
-        try:
-            raw[:64].decode("utf-8")
-            looks_text = True
-        except UnicodeDecodeError:
-            looks_text = False
-        if looks_text:
+        if _looks_like_text(raw):
             raise LoraFileError(path, "this is a text file, not a safetensors file (a placeholder or "
                                       "note saved under a .safetensors name?)")
         raise LoraFileError(path, "corrupt or not a safetensors file (its header length field is "

@@ -19,8 +19,8 @@ from .errors import BaseModelMismatchError, LoraFormatError
 from .layers import TEXT_ENCODER, TEXT_ENCODER_2, UNET, LayerInfo, LayerTable, guess_architecture
 from .lora_formats import ParsedLora, RawModule, parse_lora
 from .lora_io import LoraFile, read_lora_file
-from .low_rank import LowRankDelta, factorize_exact
-from .lycoris import dora_delta, lokr_dense, loha_dense, lora_down_with_mid
+from .low_rank import LowRankDelta, compress, factorize_exact
+from .lycoris import dora_delta, loha_dense, loha_factors, lokr_factors, lora_down_with_mid
 
 BaseWeight = Callable[[str], torch.Tensor]
 
@@ -226,32 +226,42 @@ def _lora_delta(module: RawModule, info: LayerInfo, source: str) -> LowRankDelta
     return LowRankDelta(up.float().reshape(up.shape[0], rank), down.float().reshape(rank, -1), scale)
 
 
-def _dense_delta(module: RawModule, info: LayerInfo, source: str) -> torch.Tensor:
+def _factors(module: RawModule, info: LayerInfo, source: str) -> LowRankDelta | torch.Tensor:
+    """Exact low-rank factors of the module's delta, or its dense matrix where its structure gives
+    none (full diffs, Tucker LoHa)."""
+    if module.kind == "lora":
+        return _lora_delta(module, info, source)
+    if module.kind == "lokr":
+        return lokr_factors(module.parts, module.alpha)
     if module.kind == "loha":
-        dense = loha_dense(module.parts, module.alpha)
-    elif module.kind == "lokr":
-        dense = lokr_dense(module.parts, module.alpha)
-    else:
-        dense = module.parts["diff"].float()
-    if dense.numel() != info.out_features * info.input_dim:
-        raise BaseModelMismatchError(source, f"{module.kind} delta of shape {tuple(dense.shape)} does not fit "
-                                     f"the base layer {info.name} {info.weight_shape}", module.key)
-    return dense.reshape(info.out_features, info.input_dim)
+        factors = loha_factors(module.parts, module.alpha)
+        if factors is not None:
+            return factors
+        return loha_dense(module.parts, module.alpha)
+    return module.parts["diff"].float()
 
 
 def _module_delta(module: RawModule, info: LayerInfo, source: str, base_weight: BaseWeight | None) -> LowRankDelta | None:
     _check_finite(source, module)
-    if module.kind == "lora" and module.dora is None:
-        return _lora_delta(module, info, source)
-    dense = _lora_delta(module, info, source).dense() if module.kind == "lora" else _dense_delta(module, info, source)
+    delta = _factors(module, info, source)
+    shape = (delta.out_features, delta.in_features) if isinstance(delta, LowRankDelta) else \
+        (delta.shape[0], delta[0].numel())
+    if shape != (info.out_features, info.input_dim):
+        raise BaseModelMismatchError(source, f"{module.kind} delta of shape ({shape[0]} x {shape[1]}) does not fit "
+                                     f"the base layer {info.name} {info.weight_shape}", module.key)
     if module.dora is not None:
         if base_weight is None:
             raise LoraFormatError(source, "DoRA needs the base model's weights, which were not given", module.key)
+        dense = delta.dense() if isinstance(delta, LowRankDelta) else delta.reshape(shape)
         try:
-            dense = dora_delta(base_weight(info.name), dense, module.dora)
+            return factorize_exact(dora_delta(base_weight(info.name), dense, module.dora))
         except ValueError as exc:
             raise BaseModelMismatchError(source, str(exc), module.key) from None
-    return factorize_exact(dense)
+    if isinstance(delta, torch.Tensor):
+        return factorize_exact(delta.reshape(shape))
+    if module.kind == "lora":  # already minimal; an untrained (all-zero) factor means no change
+        return delta if bool(delta.up.any()) and bool(delta.down.any()) else None
+    return compress(delta)
 
 
 def normalize_lora(parsed: ParsedLora, table: LayerTable, base_weight: BaseWeight | None = None,

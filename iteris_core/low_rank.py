@@ -74,6 +74,34 @@ def factorize_exact(dense: torch.Tensor) -> LowRankDelta | None:
     return LowRankDelta((u[:, keep] * s[keep]).float(), vh[keep].float(), 1.0)
 
 
+def compress(delta: LowRankDelta) -> LowRankDelta | None:
+    """The same delta at its numerical rank (None if it is zero), never forming the dense matrix.
+
+    Works through the small Gram matrices (fp64 ``eigh`` of r x r) and matrix products only, which
+    are fast where a QR of a tall ``d x r`` factor is not: ``up = Q_u W`` with ``Q_u`` orthonormal,
+    then the SVD of ``W down`` from its Gram. Components below ``sqrt(r)`` fp32 rounding of the
+    largest singular value are dropped (the factors themselves carry that much rounding).
+    """
+    up, down = delta.up.double(), delta.down.double()
+    eig_u, vec_u = torch.linalg.eigh(up.T @ up)
+    keep_u = eig_u > float(eig_u.max()) * 1e-24 if eig_u.numel() else eig_u > 0
+    if not bool(keep_u.any()):
+        return None
+    root = eig_u[keep_u].sqrt()
+    basis_u = (up @ vec_u[:, keep_u]) / root                      # o x k, orthonormal columns
+    core = (root[:, None] * vec_u[:, keep_u].T) @ down            # k x d, up @ down = basis_u @ core
+    eig_c, vec_c = torch.linalg.eigh(core @ core.T)
+    sigma = eig_c.clamp_min(0).sqrt().flip(0)
+    vec_c = vec_c.flip(1)
+    tolerance = float(sigma[0]) * 4 * delta.rank ** 0.5 * torch.finfo(torch.float32).eps
+    keep = sigma > tolerance
+    if not bool(keep.any()) or float(sigma[0]) == 0.0:
+        return None
+    new_up = (basis_u @ vec_c[:, keep]) * (sigma[keep] * delta.scale)
+    new_down = (vec_c[:, keep].T @ core) / sigma[keep, None]
+    return LowRankDelta(new_up.float(), new_down.float(), 1.0)
+
+
 @dataclass(frozen=True)
 class Truncation:
     delta: LowRankDelta

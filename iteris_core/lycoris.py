@@ -1,14 +1,21 @@
-"""Dense deltas of LyCORIS adapters (LoHa, LoKr, Tucker LoCon) and of DoRA.
+"""Deltas of LyCORIS adapters (LoHa, LoKr, Tucker LoCon) and of DoRA.
 
 The formulas follow the adapters' forward passes, which LyCORIS and ComfyUI's weight adapters
 (``comfy/weight_adapter/{lora,loha,lokr,base}.py``) agree on. LyCORIS 4.1.3's own
 ``get_diff_weight`` applies alpha/dim twice for LoHa and LoKr; its forward pass does not, and that
 is what a user sees, so that is what is used here.
+
+LoHa and LoKr have exact low-rank factors that follow from their structure (a Hadamard product of
+two rank-r matrices has rank <= r^2 through the Khatri-Rao product of the factors; a Kronecker
+product's factors are the Kronecker products of its parts' factors), so no large matrix is ever
+decomposed; :func:`~iteris_core.low_rank.compress` then trims them to their numerical rank.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .low_rank import LowRankDelta
 
 
 def tucker_up(core: torch.Tensor, factor_in: torch.Tensor, factor_out: torch.Tensor) -> torch.Tensor:
@@ -79,3 +86,50 @@ def dora_delta(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor)
     else:
         raise ValueError(f"DoRA magnitude has {m.numel()} entries; the weight is {tuple(w0.shape)}")
     return adapted - w0
+
+
+def _flat(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix.float().reshape(matrix.shape[0], -1)
+
+
+def _factor_small(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact factors (P, Q) of a small dense matrix, P @ Q = matrix, by SVD at numerical rank."""
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    keep = s > (float(s.max()) * max(matrix.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0)
+    if not bool(keep.any()):
+        keep[:1] = True
+    return (u[:, keep] * s[keep]).float(), vh[keep].float()
+
+
+def loha_factors(parts: dict[str, torch.Tensor], alpha: float | None) -> LowRankDelta | None:
+    """LoHa ``(w1_a w1_b) * (w2_a w2_b)`` as exact factors: up columns are products of up columns
+    (Khatri-Rao), down rows products of down rows. None for Tucker LoHa (use :func:`loha_dense`)."""
+    if "t1" in parts or "t2" in parts:
+        return None
+    a1, b1 = parts["w1_a"].float(), _flat(parts["w1_b"])
+    a2, b2 = parts["w2_a"].float(), _flat(parts["w2_b"])
+    up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+    down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+    scale = alpha / parts["w1_b"].shape[0] if alpha is not None else 1.0
+    return LowRankDelta(up, down, scale)
+
+
+def lokr_factors(parts: dict[str, torch.Tensor], alpha: float | None) -> LowRankDelta:
+    """LoKr ``kron(w1, w2)`` as exact factors ``kron(P1, P2) @ kron(Q1, Q2)`` of its parts' factors
+    (conv kernels flattened over their input: kron with a flattened w2 is the flattened kron)."""
+    dim = None
+    if "w1" in parts:
+        p1, q1 = _factor_small(_flat(parts["w1"]))
+    else:
+        dim = parts["w1_b"].shape[0]
+        p1, q1 = parts["w1_a"].float(), _flat(parts["w1_b"])
+    if "w2" in parts:
+        p2, q2 = _factor_small(_flat(parts["w2"]))
+    elif "t2" in parts:
+        dim = parts["w2_b"].shape[0]
+        p2, q2 = _factor_small(_flat(tucker_up(parts["t2"], parts["w2_b"], parts["w2_a"])))
+    else:
+        dim = parts["w2_b"].shape[0]
+        p2, q2 = parts["w2_a"].float(), _flat(parts["w2_b"])
+    scale = alpha / dim if (alpha is not None and dim is not None) else 1.0
+    return LowRankDelta(torch.kron(p1, p2), torch.kron(q1, q2), scale)
