@@ -23,12 +23,15 @@ FORMAT_VERSION = "1"
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def kohya_module_key(name: str, two_text_encoders: bool) -> str:
-    """kohya spelling of a canonical layer name."""
+def kohya_module_key(name: str, table: LayerTable) -> str:
+    """kohya spelling of a canonical layer name. SDXL UNet layers use the SGM/LDM block paths, as
+    kohya's SDXL trainer writes them (diffusers maps SDXL's added-embedding layers only so)."""
     component, _, path = name.partition(".")
+    two_text_encoders = TEXT_ENCODER_2 in table.components
     flat = path.replace(".", "_")
     if component == UNET:
-        return "lora_unet_" + flat
+        ldm = table.ldm_name(name) if two_text_encoders else None
+        return "lora_unet_" + (ldm.replace(".", "_") if ldm else flat)
     if component == TEXT_ENCODER:
         return ("lora_te1_" if two_text_encoders else "lora_te_") + flat
     if component == TEXT_ENCODER_2:
@@ -66,7 +69,6 @@ class MergedLora:
 
     def state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """kohya-format tensors: ``.lora_up.weight``, ``.lora_down.weight`` and ``.alpha`` per layer."""
-        two = TEXT_ENCODER_2 in self.table.components
         out: dict[str, torch.Tensor] = {}
         for name in sorted(self.layers):
             info = self.table[name]
@@ -79,7 +81,7 @@ class MergedLora:
             if info.kind == "conv":
                 up = up.reshape(info.out_features, rank, 1, 1)
                 down = down.reshape(rank, info.in_features, *info.kernel)
-            key = kohya_module_key(name, two)
+            key = kohya_module_key(name, self.table)
             out[f"{key}.lora_up.weight"] = up.to(dtype)
             out[f"{key}.lora_down.weight"] = down.to(dtype)
             out[f"{key}.alpha"] = torch.tensor(float(rank))
