@@ -68,12 +68,14 @@ class MergeResult:
     inputs: list[NormalizedLora] = field(default_factory=list)
 
 
-def open_backend(base: ModelBackend | str | Path, device: str | None = None,
-                 dtype: torch.dtype | None = None) -> ModelBackend:
-    """A backend for ``base``: a backend object is used as is; a path is loaded with diffusers."""
+def open_backend(base: ModelBackend | str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+                 **load_options) -> ModelBackend:
+    """A backend for ``base``: a backend object is used as is; a path (diffusers folder or
+    single-file checkpoint) is loaded with diffusers (``load_options``: ``tokenizer``,
+    ``prediction_type`` for single files)."""
     if isinstance(base, (str, Path)):
         from .backends.diffusers_backend import DiffusersBackend
-        return DiffusersBackend.from_pretrained(base, device=device, dtype=dtype)
+        return DiffusersBackend.from_pretrained(base, device=device, dtype=dtype, **load_options)
     return base
 
 
@@ -140,19 +142,20 @@ def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSetting
 def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], settings: MergeSettings | None = None,
                 *, device: str | None = None, dtype: torch.dtype | None = None,
                 statistics_device: str | None = None, on_progress: ProgressFn | None = None,
-                should_stop: StopFn | None = None, log: LogFn | None = None) -> MergeResult:
+                should_stop: StopFn | None = None, log: LogFn | None = None, **load_options) -> MergeResult:
     """Merge ``concepts`` on ``base`` (a backend, a diffusers folder or a checkpoint file).
 
     ``on_progress(done, total, message)`` is called after every model call; ``should_stop()``
     is checked before each and a true value raises :class:`~iteris_core.errors.MergeInterrupted`.
     ``statistics_device`` puts the statistics elsewhere than the model (default: the model's
-    device, or the CPU when the plan does not fit in free GPU memory).
+    device, or the CPU when the plan does not fit in free GPU memory). ``load_options`` go to
+    :func:`open_backend` when ``base`` is a path.
     """
     settings = settings or MergeSettings()
     log = log or (lambda message: None)
     _validate(concepts, settings)
     started = time.perf_counter()
-    backend = open_backend(base, device, dtype)
+    backend = open_backend(base, device, dtype, **load_options)
     table = backend.layer_table()
     loras = [load_concept_lora(c, i, backend) for i, c in enumerate(concepts)]
     prepared = [_prepare(c, lora) for c, lora in zip(concepts, loras)]

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "checkpoint) and write one kohya-format LoRA that ComfyUI's "
                                        "LoraLoader and diffusers load.")
     merge.add_argument("--base", required=True, help="base model: diffusers folder or .safetensors checkpoint")
+    merge.add_argument("--tokenizer", default=None, metavar="DIR",
+                       help="CLIP tokenizer folder (vocab.json, merges.txt) for a single-file --base; default: "
+                            "$ITERIS_CLIP_TOKENIZER or ComfyUI's comfy/sd1_tokenizer when ComfyUI is present")
+    merge.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                       help="what a single-file --base predicts (default: detected; only SD2-768 models are v)")
     per_lora = merge.add_argument_group("LoRAs (repeat --lora; the options after it belong to it)")
     per_lora.add_argument("--lora", action=_LoraAction, metavar="FILE", help="a LoRA .safetensors file")
     per_lora.add_argument("--prompts", action=_LoraAction, metavar="FILE",
@@ -205,8 +210,10 @@ def run_merge(args) -> int:
     concepts = [Concept(l.path, l.prompts, l.strength, l.text_strength, l.negative) for l in loras]
     bar = _ProgressBar(args.quiet)
     try:
+        load_options = {"tokenizer": args.tokenizer, "prediction_type": args.prediction_type} \
+            if Path(args.base).is_file() else {}
         result = merge_loras(args.base, concepts, settings, device=args.device, dtype=_dtype(args.dtype),
-                             on_progress=bar, log=bar.log)
+                             on_progress=bar, log=bar.log, **load_options)
     finally:
         bar.close()
     path = result.lora.save(out, dtype=args.save_dtype, overwrite=args.overwrite)

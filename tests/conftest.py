@@ -60,3 +60,25 @@ def samples_dir() -> Path:
     if not (SAMPLES / "MANIFEST.md").is_file():
         pytest.skip(f"real LoRA samples not found at {SAMPLES} (they live beside the checkout, not in it)")
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def comfy_state(tmp_path_factory) -> Path:
+    """ComfyUI's base directory for this test session (models/, output/, user/ ...)."""
+    return tmp_path_factory.mktemp("comfyui-state")
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfy_state):
+    """The real ComfyUI 0.3.75, imported in-process with its built-in nodes (CPU)."""
+    from comfy_fixtures import import_comfy
+
+    return import_comfy(base_directory=comfy_state)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(comfy_nodes, comfy_state) -> Path:
+    """A random-weight SD1.5-type single-file checkpoint in ComfyUI's checkpoints folder."""
+    from comfy_fixtures import build_tiny_sd15_checkpoint
+
+    return build_tiny_sd15_checkpoint(comfy_state / "models" / "checkpoints" / "tiny_sd15.safetensors")

@@ -41,6 +41,7 @@ class DiffusersBackend:
         if self.text_encoder_2 is not None:
             self.text_encoder_2 = self.text_encoder_2.to(self.device, self.dtype).eval()
         self.scheduler_config = dict(pipe.scheduler.config)
+        self.identity = getattr(pipe, "identity", None) or type(pipe).__name__
         self.pipe = pipe
         self.sdxl = self.text_encoder_2 is not None
         context = self.unet.config.cross_attention_dim
@@ -51,14 +52,18 @@ class DiffusersBackend:
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> DiffusersBackend:
-        """Load a local diffusers folder (``model_index.json``) or a single-file checkpoint."""
+    def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None, *,
+                        tokenizer: str | Path | None = None, prediction_type: str | None = None) -> DiffusersBackend:
+        """Load a local diffusers folder (``model_index.json``) or a single-file checkpoint
+        (``tokenizer``: a local CLIP tokenizer folder, which single files lack)."""
         path = Path(path)
         if path.is_dir():
-            return cls(_load_folder(path), device, dtype)
+            pipe = _load_folder(path)
+            pipe.identity = path.name
+            return cls(pipe, device, dtype)
         if path.is_file():
             from .single_file import load_single_file
-            return cls(load_single_file(path), device, dtype)
+            return cls(load_single_file(path, tokenizer, prediction_type), device, dtype)
         raise IterisError(f"base model {path} not found: give a diffusers folder or a .safetensors checkpoint")
 
     def _standard_width(self) -> bool:
@@ -95,8 +100,10 @@ class DiffusersBackend:
         return 0 if module is None else sum(p.numel() * p.element_size() for p in module.parameters())
 
     def _tokens(self, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        # the encoder's positions, not tokenizer.model_max_length: some tokenizer configs say 8192
+        length = self.text_encoder.config.max_position_embeddings
+        ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                        return_tensors="pt").input_ids
         return ids.to(self.device)
 
     def encode_text(self, prompts: Sequence[str]) -> TextBatch:
