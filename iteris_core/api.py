@@ -190,7 +190,11 @@ def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], se
             plan, _ = _memory_plan(backend, loop, settings, loop.stats_device)
         log(plan.describe())
         report.memory = plan.to_dict()
-        text, unet = loop.run()
+        try:
+            text, unet = loop.run()
+        except torch.cuda.OutOfMemoryError:
+            raise IterisError(f"out of GPU memory ({plan.describe()}): lower the batch size, sub-sample tokens "
+                              "(max_tokens_per_sample), or keep the statistics on the CPU") from None
         merged: dict[str, LowRankDelta] = {}
         for stage in (text, unet):
             if stage is not None:

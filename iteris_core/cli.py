@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the model runs (default: cuda when available)")
     run.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                      help="forward precision (default: fp16 on cuda, fp32 on cpu); statistics are fp32")
+    run.add_argument("--stats-device", choices=["cpu", "cuda"], default=None,
+                     help="where the statistics live (default: with the model, or the CPU when the memory "
+                          "plan does not fit in free GPU memory)")
     run.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                      help="precision of the written LoRA (default %(default)s)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -213,7 +216,7 @@ def run_merge(args) -> int:
         load_options = {"tokenizer": args.tokenizer, "prediction_type": args.prediction_type} \
             if Path(args.base).is_file() else {}
         result = merge_loras(args.base, concepts, settings, device=args.device, dtype=_dtype(args.dtype),
-                             on_progress=bar, log=bar.log, **load_options)
+                             statistics_device=args.stats_device, on_progress=bar, log=bar.log, **load_options)
     finally:
         bar.close()
     path = result.lora.save(out, dtype=args.save_dtype, overwrite=args.overwrite)

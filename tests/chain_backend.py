@@ -83,6 +83,7 @@ class ChainBackend:
         self.chain(latents)
 
     # brute force helpers ----------------------------------------------------------------------
+    @torch.no_grad()
     def layer_inputs(self, x: torch.Tensor, deltas: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """Inputs (tokens x width) of every layer when the chain runs with dense ``deltas``."""
         seen = []
@@ -92,6 +93,7 @@ class ChainBackend:
             x = torch.tanh(y)
         return seen
 
+    @torch.no_grad()
     def output(self, x: torch.Tensor, deltas: list[torch.Tensor | None]) -> torch.Tensor:
         return self.chain(x, deltas)
 
