@@ -114,6 +114,14 @@ def _prepare(concept: Concept, lora: NormalizedLora) -> PreparedConcept:
                            [p.strip() for p in concept.prompts if p.strip()], concept.negative_prompt)
 
 
+def _sample_key(concept: Concept, lora: NormalizedLora) -> tuple | None:
+    """What a concept's own samples depend on (besides the model and the sampling settings)."""
+    if lora.sha256 is None:
+        return None
+    return (lora.sha256, concept.strength, concept.text_strength, tuple(p.strip() for p in concept.prompts if p.strip()),
+            concept.negative_prompt)
+
+
 def _keep_components(deltas: dict[str, LowRankDelta], settings: MergeSettings) -> dict[str, LowRankDelta]:
     return {n: d for n, d in deltas.items()
             if (settings.merge_unet if n.startswith(UNET + ".") else settings.merge_text_encoder)}
@@ -142,14 +150,17 @@ def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSetting
 def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], settings: MergeSettings | None = None,
                 *, device: str | None = None, dtype: torch.dtype | None = None,
                 statistics_device: str | None = None, on_progress: ProgressFn | None = None,
-                should_stop: StopFn | None = None, log: LogFn | None = None, **load_options) -> MergeResult:
+                should_stop: StopFn | None = None, log: LogFn | None = None, sample_cache: dict | None = None,
+                **load_options) -> MergeResult:
     """Merge ``concepts`` on ``base`` (a backend, a diffusers folder or a checkpoint file).
 
     ``on_progress(done, total, message)`` is called after every model call; ``should_stop()``
     is checked before each and a true value raises :class:`~iteris_core.errors.MergeInterrupted`.
     ``statistics_device`` puts the statistics elsewhere than the model (default: the model's
     device, or the CPU when the plan does not fit in free GPU memory). ``load_options`` go to
-    :func:`open_backend` when ``base`` is a path.
+    :func:`open_backend` when ``base`` is a path. ``sample_cache``, a dict the caller keeps for one
+    base model, lets a later merge of the same concepts with other merge settings reuse the
+    sampled trajectories.
     """
     settings = settings or MergeSettings()
     log = log or (lambda message: None)
@@ -180,8 +191,10 @@ def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], se
     subspace_layers: set[str] = set()
     if method.needs_model:
         stats_device = torch.device(statistics_device) if statistics_device else backend.device
+        keys = [_sample_key(c, lora) for c, lora in zip(concepts, loras)] if sample_cache is not None else None
         loop = IterisLoop(backend, prepared, settings, stats_device=stats_device, log=log,
-                          on_progress=on_progress, should_stop=should_stop)
+                          on_progress=on_progress, should_stop=should_stop, sample_cache=sample_cache,
+                          sample_keys=keys)
         plan, subspace_layers = _memory_plan(backend, loop, settings, stats_device)
         free = free_device_memory(backend.device)
         if statistics_device is None and free is not None and plan.total_gb * 1024 ** 3 > free:

@@ -100,7 +100,8 @@ class IterisLoop:
 
     def __init__(self, backend: ModelBackend, concepts: list[PreparedConcept], settings: MergeSettings,
                  *, stats_device: torch.device | str | None = None, log: LogFn | None = None,
-                 on_progress: ProgressFn | None = None, should_stop: StopFn | None = None):
+                 on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                 sample_cache: dict | None = None, sample_keys: list | None = None):
         if not concepts:
             raise SettingsError("no concept to merge")
         self.backend = backend
@@ -115,6 +116,10 @@ class IterisLoop:
                                   key=list(self.table.layers).index) if settings.merge_text_encoder else []
         self.unet_layers = sorted({n for c in concepts for n in c.deltas if n.startswith(UNET + ".")},
                                   key=list(self.table.layers).index) if settings.merge_unet else []
+        # samples depend only on the model, the concept and the sampling settings, not on the merge
+        # settings: a caller that passes a cache and a key per concept gets them reused
+        self.sample_cache = sample_cache if sample_cache is not None else {}
+        self.sample_keys = [None if k is None else (k, self.sampling) for k in sample_keys] if sample_keys else None
         self.progress = Progress(self.planned_calls(), on_progress, should_stop)
 
     # -- planning --------------------------------------------------------------------------------
@@ -269,50 +274,69 @@ class IterisLoop:
         negative = len(concept.prompts)
         return TextBatch.cat([cond.select([negative] * len(prompt_rows)), cond.select(prompt_rows)])
 
+    def _replay(self, i: int, session: HookSession, state: HookState, samples: list[tuple[int, LatentSample]],
+                conds: list[TextBatch], label: str) -> None:
+        """Run stored samples through the UNet, once per conditioning in ``conds`` (one: a single
+        pass with the concept's own model; two: a paired pass, own | merged, in one batch)."""
+        concept = self.concepts[i]
+        device = self.backend.device
+        copies = 2 if self.use_cfg else 1
+        for chunk in _chunks(samples, self.sampling.batch_size):
+            self.progress.check()
+            prompts = [p for p, _ in chunk]
+            latents = torch.stack([s.latent for _, s in chunk])
+            timesteps = torch.stack([s.timestep for _, s in chunk])
+            block_latents = latents.repeat(copies, *[1] * (latents.dim() - 1))
+            block_times = timesteps.repeat(copies)
+            cond = TextBatch.cat([self._rows(concept, c, prompts) for c in conds]).to(device)
+            with session.active(state), torch.no_grad():
+                self.backend.denoise(torch.cat([block_latents] * len(conds)).to(device),
+                                     torch.cat([block_times] * len(conds)).to(device), cond)
+            self.progress.step(f"UNet: {label}, concept {i + 1}/{len(self.concepts)}")
+
+    def _sample(self, i: int, session: HookSession, state: HookState, own: TextBatch) -> list[tuple[int, LatentSample]]:
+        """Sample the concept's trajectories with its own model, collecting iteration 0's statistics
+        at the kept steps on the way; returns the kept samples."""
+        concept = self.concepts[i]
+        keep = self.sampling.kept_steps()
+        stats, kept_samples = state.stats, []
+        cond = own.to(self.backend.device)
+        negative = len(concept.prompts)
+        for chunk in _chunks(self.trajectories(concept), self.sampling.batch_size):
+            rows = [p for p, _ in chunk]
+
+            def on_step(step: int) -> None:
+                self.progress.check()
+                state.stats = stats if step in keep else None
+                self.progress.step(f"UNet: sampling concept {i + 1}/{len(self.concepts)} (step {step + 1})")
+
+            uncond = cond.select([negative] * len(rows)) if self.use_cfg else cond.select(rows)
+            with session.active(state), torch.no_grad():
+                kept = self.backend.sample(cond.select(rows), uncond, [seed for _, seed in chunk], self.sampling,
+                                           keep, on_step)
+            for (prompt, _), trajectory in zip(chunk, kept):
+                kept_samples.extend((prompt, s) for s in trajectory)
+        state.stats = stats
+        return kept_samples
+
     def _run_unet(self, own_cond: list[TextBatch], merged_cond: list[TextBatch]) -> StageResult:
         samples: dict[int, list[tuple[int, LatentSample]]] = {}
-        keep = self.sampling.kept_steps()
-        device = self.backend.device
 
         def single(i: int, session: HookSession, state: HookState) -> None:
-            concept = self.concepts[i]
-            stats = state.stats
-            samples[i] = []
-            for chunk in _chunks(self.trajectories(concept), self.sampling.batch_size):
-                rows = [p for p, _ in chunk]
-                cond = own_cond[i].to(device)
-                negative = len(concept.prompts)
-
-                def on_step(step: int) -> None:
-                    self.progress.check()
-                    state.stats = stats if step in keep else None
-                    self.progress.step(f"UNet: sampling concept {i + 1}/{len(self.concepts)} (step {step + 1})")
-
-                uncond = cond.select([negative] * len(rows)) if self.use_cfg else cond.select(rows)
-                with session.active(state), torch.no_grad():
-                    kept = self.backend.sample(cond.select(rows), uncond, [seed for _, seed in chunk],
-                                               self.sampling, keep, on_step)
-                for (prompt, _), trajectory in zip(chunk, kept):
-                    samples[i].extend((prompt, s) for s in trajectory)
-            state.stats = stats
+            key = self.sample_keys[i] if self.sample_keys else None
+            if key is not None and key in self.sample_cache:
+                samples[i] = self.sample_cache[key]
+                self.log(f"[unet] concept {i + 1}: reusing its {len(samples[i])} cached samples")
+                self._replay(i, session, state, samples[i], [own_cond[i]], "own samples")
+            else:
+                samples[i] = self._sample(i, session, state, own_cond[i])
+                if key is not None:
+                    self.sample_cache[key] = samples[i]
 
         def paired(i: int, session: HookSession, state: HookState) -> None:
-            concept = self.concepts[i]
-            for chunk in _chunks(samples[i], self.sampling.batch_size):
-                self.progress.check()
-                prompts = [p for p, _ in chunk]
-                latents = torch.stack([s.latent for _, s in chunk])
-                timesteps = torch.stack([s.timestep for _, s in chunk])
-                copies = 2 if self.use_cfg else 1
-                half_latents = latents.repeat(copies, *[1] * (latents.dim() - 1))
-                half_times = timesteps.repeat(copies)
-                cond = TextBatch.cat([self._rows(concept, own_cond[i], prompts),
-                                      self._rows(concept, merged_cond[i], prompts)]).to(device)
-                with session.active(state), torch.no_grad():
-                    self.backend.denoise(torch.cat([half_latents, half_latents]).to(device),
-                                         torch.cat([half_times, half_times]).to(device), cond)
-                self.progress.step(f"UNet: iteration, concept {i + 1}/{len(self.concepts)}")
+            self._replay(i, session, state, samples[i], [own_cond[i], merged_cond[i]], "iteration")
 
+        keep = self.sampling.kept_steps()
         self.log(f"[unet] merging {len(self.unet_layers)} layers of {len(self.concepts)} concepts; "
                  f"{len(self.trajectories(self.concepts[0]))} trajectories per concept, "
                  f"{len(keep)} kept timesteps each")
