@@ -226,7 +226,6 @@ class LayerTable:
 
     def _build_aliases(self) -> dict[str, str]:
         aliases: dict[str, str] = {}
-        single_text_encoder = TEXT_ENCODER_2 not in self.components
         for name in self.layers:
             component, _, path = name.partition(".")
             spellings = {name}
@@ -239,10 +238,8 @@ class LayerTable:
             else:
                 short = path.removeprefix("text_model.")  # transformers-5 spelling
                 spellings.add(f"{component}.{short}")
-                prefixes = _KOHYA_TE_PREFIX[component]
-                if component == TEXT_ENCODER and not single_text_encoder:
-                    prefixes = ("lora_te1_",)  # on SDXL, a bare lora_te_ is ambiguous
-                for prefix in prefixes:
+                # a bare lora_te_ means the first encoder, on SDXL too (ComfyUI and diffusers agree)
+                for prefix in _KOHYA_TE_PREFIX[component]:
                     spellings.add(prefix + path.replace(".", "_"))
                     spellings.add(prefix + short.replace(".", "_"))
             for spelling in spellings:

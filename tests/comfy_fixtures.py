@@ -176,3 +176,105 @@ def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+PACK_DIR = Path(__file__).resolve().parents[1]
+"""This repository: the node pack ComfyUI loads."""
+
+
+def load_pack(nodes: ModuleType) -> dict[str, type]:
+    """Load this node pack into the imported ComfyUI (as ``load_custom_node`` does at start-up) and
+    return its node classes by node id."""
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    if "IterIS_MergeLoras" not in before:
+        ok = asyncio.run(nodes.load_custom_node(str(PACK_DIR), ignore=before))
+        if not ok:
+            raise RuntimeError("ComfyUI could not load the pack (see the log above)")
+    return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("IterIS_")}
+
+
+class _StubServer:
+    """What PromptExecutor needs of the PromptServer when no server runs."""
+
+    client_id = None
+    last_node_id = None
+
+    def send_sync(self, *args, **kwargs) -> None:
+        pass
+
+
+def make_executor():
+    import execution
+
+    return execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC,
+                                     cache_args={"lru": 0, "ram": 0})
+
+
+def run_prompt(prompt: dict, executor=None) -> tuple[bool, list, dict]:
+    """Validate and execute an API-format prompt in-process. Returns (success, status messages,
+    outputs); a prompt that fails validation returns (False, [("validation", error, node_errors)], {})."""
+    import execution
+
+    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    if not ok:
+        return False, [("validation", error, node_errors)], {}
+    executor = executor or make_executor()
+    executor.execute(prompt, "test", {}, outputs)
+    return executor.success, executor.status_messages, executor.history_result.get("outputs", {})
+
+
+def comfy_sd15_key_map(with_shapes: bool = False):
+    """ComfyUI's own LoRA key map for a full-size SD1.5 model (UNet and CLIP-L built on the meta
+    device: no weights), to ask which files ComfyUI itself can load for SD1.x; with the model's
+    weight shapes by key if asked."""
+    import inspect
+    import re
+
+    import_comfy()
+    import comfy.lora
+    import comfy.model_detection
+    import comfy.sd1_clip
+
+    source = inspect.getsource(comfy.model_detection.unet_config_from_diffusers_unet)
+    config = eval(re.search(r"\n    SD15 = (\{.*?\})\n", source, re.S).group(1), {"dtype": torch.float16})
+    with torch.device("meta"):
+        model = comfy.model_detection.model_config_from_unet_config(dict(config)).get_model({}, device="meta")
+        clip = comfy.sd1_clip.SD1ClipModel(device="meta")
+        key_map = comfy.lora.model_lora_keys_unet(model, {})
+        comfy.lora.model_lora_keys_clip(clip, key_map)
+    if not with_shapes:
+        return key_map
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    shapes.update({k: v.shape for k, v in clip.state_dict().items()})
+    return key_map, shapes
+
+
+def comfy_places_every_patch(path, key_map: dict, shapes: dict) -> bool:
+    """Whether ComfyUI loads this file onto SD1.5 completely: it reads it, maps at least one key, and
+    applies every patch without error. ComfyUI maps keys by name and finds a shape mismatch only when
+    it patches; it then logs an error and skips that weight."""
+    import logging
+
+    import comfy.lora
+    import comfy.utils
+
+    try:
+        patches = comfy.lora.load_lora(comfy.utils.load_torch_file(str(path), safe_load=True), key_map,
+                                       log_missing=False)
+    except Exception:  # noqa: BLE001 - any failure to read means "ComfyUI cannot load it"
+        return False
+    errors: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                errors.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger().addHandler(handler)
+    try:
+        for key, patch in patches.items():
+            comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], torch.zeros(shapes[key]), key)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return bool(patches) and not errors

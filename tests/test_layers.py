@@ -64,8 +64,10 @@ def test_aliases_resolve(full_tables, architecture, spelling, canonical):
     assert full_tables[architecture].resolve(spelling) == canonical
 
 
-def test_bare_lora_te_is_not_guessed_on_sdxl(full_tables):
-    assert full_tables["sdxl"].resolve("lora_te_text_model_encoder_layers_0_self_attn_q_proj") is None
+def test_bare_lora_te_means_the_first_encoder_on_sdxl(full_tables):
+    """As in ComfyUI's and diffusers' key maps."""
+    assert full_tables["sdxl"].resolve("lora_te_text_model_encoder_layers_0_self_attn_q_proj") == \
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 
 
 @pytest.mark.parametrize("name, group", [

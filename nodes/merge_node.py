@@ -1,0 +1,167 @@
+"""Merge LoRAs (IterIS): merge the chained concepts into one LoRA and apply it to MODEL and CLIP."""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.lora
+import torch
+from comfy_api.v0_0_2 import io, ui
+
+from ..iteris_core.api import Concept, merge_loras
+from ..iteris_core.errors import IterisError, SettingsError
+from ..iteris_core.lora_writer import MergedLora
+from ..iteris_core.settings import MergeSettings, Method, SamplingSettings
+from . import cache
+from .comfy_backend import ComfyBackend, fingerprint
+from .progress import NodeProgress, comfy_interrupts, should_stop
+from .types import Concepts, LoraDict
+
+# widget -> (default, min, max): checked again in validate_inputs, which disables ComfyUI's own check
+RANGES = {
+    "iterations": (3, 0, 50), "samples_per_prompt": (2, 1, 64), "timesteps": (4, 1, 100), "steps": (20, 1, 200),
+    "seed": (0, 0, 0xFFFFFFFF), "rank": (0, 0, 4096), "width": (0, 0, 8192), "height": (0, 0, 8192),
+    "batch_size": (4, 1, 64), "max_tokens": (0, 0, 65536),
+    "regularization": (1e-4, 0.0, 1.0), "cfg": (7.5, 1.0, 30.0),
+}
+
+
+def _int(name: str, tooltip: str, **extra) -> io.Int.Input:
+    default, low, high = RANGES[name]
+    return io.Int.Input(name, default=default, min=low, max=high, tooltip=tooltip, **extra)
+
+
+def apply_merged_lora(model, clip, tensors: dict[str, torch.Tensor]):
+    """MODEL and CLIP clones patched with the merged LoRA through ComfyUI's own LoRA loader, checking
+    that every key lands on a weight (a key ComfyUI could not place would be a silently wrong model)."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    placed = set()
+    for patch in patches.values():
+        placed |= set(getattr(patch, "loaded_keys", ()))
+    unplaced = sorted(set(tensors) - placed)
+    if unplaced:
+        raise IterisError(f"ComfyUI cannot place {len(unplaced)} keys of the merged LoRA, e.g. {unplaced[0]}")
+    new_model, new_clip = model.clone(), clip.clone()
+    applied = set(new_model.add_patches(patches, 1.0)) | set(new_clip.add_patches(patches, 1.0))
+    missing = sorted(set(patches) - applied)
+    if missing:
+        raise IterisError(f"the merged LoRA targets weights this model does not have, e.g. {missing[0]}")
+    return new_model, new_clip
+
+
+class IterisMergeLoras(io.ComfyNode):
+    """The IterIS merge: closed-form least squares per layer on the concepts' own layer inputs."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IterIS_MergeLoras",
+            display_name="Merge LoRAs (IterIS)",
+            category="loaders/IterIS",
+            description="Merges the chained LoRA concepts into one LoRA with IterIS (CVPR 2025): each layer's "
+                        "merged delta is solved so that, on every concept's own images, the merged model does "
+                        "what that concept's LoRA does; the solve is repeated on the merged model's own inputs. "
+                        "Outputs MODEL and CLIP with the merged LoRA applied, the LoRA itself and a report.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the LoRAs were trained for (SD1.x, SD2.x or SDXL)."),
+                io.Clip.Input("clip", tooltip="Its CLIP text encoder."),
+                Concepts.Input("concepts", tooltip="The LoRAs to merge, from LoRA Concept (IterIS) nodes."),
+                io.Combo.Input("method", options=[m.value for m in Method], default=Method.ITERIS.value,
+                               tooltip="iteris: the paper's method. regmean: one solve, no iteration. linear: "
+                                       "average of the LoRAs. concat: their sum (what chained LoraLoaders do). "
+                                       "ties: TIES-merging. Only iteris and regmean use the prompts."),
+                _int("iterations", "IterIS iterations after the first solve; each re-runs the concepts' samples "
+                                   "through the merged model. 2-5 is usual; it stops early once nothing changes."),
+                io.Float.Input("regularization", default=RANGES["regularization"][0], min=0.0, max=1.0, step=1e-5,
+                               round=1e-7, tooltip="The paper's alpha: a small ridge that keeps the solve stable "
+                                                   "with few samples. 1e-4 works; raise it if a layer is reported "
+                                                   "singular."),
+                _int("samples_per_prompt", "Images (seeds) sampled per concept prompt to collect layer inputs."),
+                _int("timesteps", "Points kept along each sampled trajectory; the statistics come from these."),
+                _int("steps", "Euler steps used to sample each concept's own trajectories."),
+                io.Float.Input("cfg", default=RANGES["cfg"][0], min=1.0, max=30.0, step=0.1,
+                               tooltip="Guidance of those trajectories (as in KSampler)."),
+                _int("seed", "First seed of the sampled trajectories."),
+                _int("rank", "Rank of the merged LoRA. 0 keeps it exact (the sum of the input ranks); a lower "
+                             "value truncates each layer and reports the error."),
+                _int("width", "Width of the sampled images in pixels; 0 = the model's native size.", step=8),
+                _int("height", "Height of the sampled images in pixels; 0 = the model's native size.", step=8),
+                _int("batch_size", "Samples per forward pass (each runs twice, for the LoRA and for the merge). "
+                                   "Lower it if memory runs out."),
+                io.Boolean.Input("merge_text_encoder", default=True,
+                                 tooltip="Also merge the LoRAs' text-encoder layers (off: the merged LoRA has "
+                                         "UNet layers only)."),
+                _int("max_tokens", "Spatial tokens per sample used for the statistics; 0 = all. A few hundred "
+                                   "is faster at high resolution."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the merged LoRA applied."),
+                io.Clip.Output(display_name="CLIP", tooltip="The CLIP with the merged LoRA applied."),
+                io.LoraModel.Output(display_name="lora", tooltip="The merged LoRA (kohya keys): save it with Save "
+                                    "Merged LoRA (IterIS). Core 'Load LoRA Model' applies its UNet part only."),
+                io.String.Output(display_name="report", tooltip="What the merge did: convergence, ranks, time."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, iterations, regularization, samples_per_prompt, timesteps, steps, cfg, seed, rank,
+                        width, height, batch_size, max_tokens) -> bool | str:
+        values = dict(iterations=iterations, regularization=regularization, samples_per_prompt=samples_per_prompt,
+                      timesteps=timesteps, steps=steps, cfg=cfg, seed=seed, rank=rank, width=width, height=height,
+                      batch_size=batch_size, max_tokens=max_tokens)
+        for name, value in values.items():
+            _default, low, high = RANGES[name]
+            if value is not None and not low <= value <= high:
+                return f"{name} must be between {low:g} and {high:g}, got {value}"
+        if timesteps is not None and steps is not None and timesteps > steps:
+            return f"timesteps ({timesteps}) cannot exceed steps ({steps})"
+        for side, value in (("width", width), ("height", height)):
+            if value and value % 8:
+                return f"{side} must be a multiple of 8 (or 0 for the model's size), got {value}"
+        return True
+
+    @staticmethod
+    def settings(method, iterations, regularization, samples_per_prompt, timesteps, steps, cfg, seed, rank, width,
+                 height, batch_size, merge_text_encoder, max_tokens) -> MergeSettings:
+        sampling = SamplingSettings(samples_per_prompt=samples_per_prompt, timesteps=timesteps, steps=steps,
+                                    guidance=cfg, width=width or None, height=height or None, seed=seed,
+                                    batch_size=batch_size)
+        return MergeSettings(method=method, iterations=iterations, regularization=regularization, rank=rank or None,
+                             merge_text_encoder=merge_text_encoder, max_tokens_per_sample=max_tokens or None,
+                             sampling=sampling)
+
+    @classmethod
+    def execute(cls, model, clip, concepts, method, iterations, regularization, samples_per_prompt, timesteps,
+                steps, cfg, seed, rank, width, height, batch_size, merge_text_encoder, max_tokens) -> io.NodeOutput:
+        if not concepts:
+            raise SettingsError("connect at least one LoRA Concept (IterIS) node to 'concepts'")
+        settings = cls.settings(method, iterations, regularization, samples_per_prompt, timesteps, steps, cfg, seed,
+                                rank, width, height, batch_size, merge_text_encoder, max_tokens)
+        base_key = fingerprint(model, clip)
+        key = (base_key, tuple(c.key() for c in concepts), settings)
+        cached = cache.MERGES.get(key)
+        if cached is not None:
+            merged, report = cached
+            logging.info("IterIS: same inputs as an earlier merge, reusing its result")
+        else:
+            backend = ComfyBackend(model, clip)
+            inputs = [Concept(c.lora, list(c.prompts), c.strength_model, c.strength_clip, c.negative_prompt,
+                              name=c.lora_name) for c in concepts]
+            samples = cache.SAMPLES.setdefault(base_key, dict)
+            with comfy_interrupts():
+                result = merge_loras(backend, inputs, settings, on_progress=NodeProgress(cls.hidden.unique_id),
+                                     should_stop=should_stop, log=lambda m: logging.info("IterIS: %s", m),
+                                     sample_cache=samples)
+            merged, report = result.lora, result.report
+            if backend.truncated_prompts:
+                report.warnings.append(f"{len(backend.truncated_prompts)} prompt(s) longer than 75 tokens were "
+                                       "cut to their first 75 tokens for sampling")
+            cache.MERGES.put(key, (merged, report))
+        tensors = merged.state_dict(torch.float32)
+        new_model, new_clip = apply_merged_lora(model, clip, tensors)
+        text = report.summary()
+        return io.NodeOutput(new_model, new_clip, LoraDict(tensors, merged.file_metadata()), text,
+                             ui=ui.PreviewText(text))

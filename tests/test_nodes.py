@@ -1,0 +1,312 @@
+"""The node pack inside the real ComfyUI 0.3.75 (in-process, CPU), on a generated SD1.5-type
+checkpoint and generated LoRAs: what the merge node outputs, what the save node writes, what the
+stock loaders make of it, and how bad inputs end."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from comfy_fixtures import load_pack, make_executor, run_prompt
+from iteris_core.backends.diffusers_backend import DiffusersBackend
+from iteris_core.backends.tiny import random_lora_deltas
+from iteris_core.lora_io import LoraFile
+from iteris_core.lora_normalize import load_lora
+from iteris_core.lora_writer import MergedLora
+
+LAYERS = r"(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|ff\.net\.(0\.proj|2)|resnets\.0\.conv1|proj_in)$"
+FAST = {"method": "iteris", "iterations": 2, "regularization": 1e-4, "samples_per_prompt": 1, "timesteps": 2,
+        "steps": 4, "cfg": 5.0, "seed": 0, "rank": 0, "width": 64, "height": 64, "batch_size": 2,
+        "merge_text_encoder": True, "max_tokens": 0}
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_nodes):
+    return load_pack(comfy_nodes)
+
+
+@pytest.fixture(scope="module")
+def table(tiny_checkpoint):
+    return DiffusersBackend.from_pretrained(tiny_checkpoint, device="cpu").layer_table()
+
+
+@pytest.fixture(scope="module")
+def loras(comfy_state, table):
+    folder = comfy_state / "models" / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for seed, name in ((1, "dog"), (2, "style")):
+        deltas = random_lora_deltas(table, seed, rank=4, scale=0.2, include=LAYERS)
+        names[name] = MergedLora(deltas, table).save(folder / f"{name}.safetensors", overwrite=True, dtype="fp32").name
+    return folder, names
+
+
+def graph(loras, *, concepts=("dog", "style"), merge=None, save_name="merged_test", overwrite=False):
+    """Checkpoint -> LoRA Concept chain -> Merge -> Save."""
+    _folder, names = loras
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}}}
+    previous = None
+    prompts = {"dog": "a photo of sks dog\nsks dog on the grass", "style": "a painting in xyz style"}
+    for i, concept in enumerate(concepts):
+        node = str(10 + i)
+        inputs = {"lora_name": names.get(concept, concept), "strength_model": 0.9 if concept == "style" else 1.0,
+                  "strength_clip": 1.0, "prompts": prompts.get(concept, "a photo")}
+        if previous:
+            inputs["previous"] = [previous, 0]
+        prompt[node] = {"class_type": "IterIS_LoraConcept", "inputs": inputs}
+        previous = node
+    prompt["4"] = {"class_type": "IterIS_MergeLoras",
+                   "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": [previous, 0], **FAST, **(merge or {})}}
+    prompt["5"] = {"class_type": "IterIS_SaveLora", "inputs": {"lora": ["4", 2], "filename": save_name,
+                                                              "overwrite": overwrite, "precision": "fp32"}}
+    return prompt
+
+
+def outputs_of(executor, node: str) -> list:
+    return [value[0] for value in executor.caches.outputs.get(node).outputs]
+
+
+def weights(model_or_clip, comfy_nodes) -> dict[str, torch.Tensor]:
+    """The effective (patched) weights of a MODEL or CLIP, by ComfyUI state-dict key."""
+    import comfy.model_management
+
+    patcher = getattr(model_or_clip, "patcher", model_or_clip)
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    return {k: v.detach().float().clone() for k, v in patcher.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def merged_run(pack, loras):
+    executor = make_executor()
+    ok, messages, outputs = run_prompt(graph(loras), executor)
+    assert ok, messages
+    return executor, outputs
+
+
+def test_pack_registers_every_node_with_tooltips(pack, comfy_nodes):
+    assert set(pack) == {"IterIS_LoraConcept", "IterIS_MergeLoras", "IterIS_SaveLora"}
+    for node in pack.values():
+        spec = node.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, (kind, options) in spec.get(section, {}).items():
+                assert options.get("tooltip"), (node, name)
+        assert node.CATEGORY == "loaders/IterIS"
+        assert node.DESCRIPTION
+
+
+def _comfy_key(name: str, table) -> str:
+    component, _, path = name.partition(".")
+    if component == "unet":
+        return "diffusion_model." + table.ldm_name(name) + ".weight"
+    return "clip_l.transformer." + path + ".weight"
+
+
+def test_merged_model_is_the_base_plus_the_engines_delta(merged_run, comfy_nodes, table, tiny_checkpoint):
+    executor, _ = merged_run
+    base_model, base_clip, _vae = outputs_of(executor, "1")
+    model, clip, lora, report = outputs_of(executor, "4")
+    assert "iteris merge of 2 LoRAs on sd1" in report
+    merged = load_lora(LoraFile("lora", dict(lora)), table)
+    base_unet, base_text = weights(base_model, comfy_nodes), weights(base_clip, comfy_nodes)
+    unet, text = weights(model, comfy_nodes), weights(clip, comfy_nodes)
+    checked = 0
+    for name, delta in merged.layers.items():
+        key = _comfy_key(name, table)
+        before, after = (base_unet, unet) if name.startswith("unet.") else (base_text, text)
+        change = (after[key] - before[key]).reshape(delta.out_features, -1)
+        error = (change - delta.dense()).norm() / delta.dense().norm()
+        # CLIP weights stay fp16 in ComfyUI on the CPU, the UNet's are fp32
+        assert error < (1e-5 if name.startswith("unet.") else 2e-2), (name, float(error))
+        checked += 1
+    assert checked == len(merged.layers) > 80
+    untouched = [k for k in base_unet if k.endswith("norm1.weight")]
+    assert all(torch.equal(base_unet[k], unet[k]) for k in untouched)
+
+
+def test_saved_lora_loads_in_the_stock_loraloader_identically(merged_run, comfy_nodes, loras, caplog):
+    executor, outputs = merged_run
+    folder, _ = loras
+    assert outputs["5"]["text"][0].startswith("saved merged_test.safetensors")
+    assert (folder / "merged_test.safetensors").is_file()
+    import folder_paths
+    assert "merged_test.safetensors" in folder_paths.get_filename_list("loras")
+    base_model, base_clip, _vae = outputs_of(executor, "1")
+    model, clip, _lora, _report = outputs_of(executor, "4")
+    with caplog.at_level(logging.WARNING):
+        loaded_model, loaded_clip = comfy_nodes.LoraLoader().load_lora(base_model, base_clip, "merged_test.safetensors",
+                                                                       1.0, 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage() or "NOT LOADED" in r.getMessage()]
+    for mine, theirs in ((model, loaded_model), (clip, loaded_clip)):
+        a, b = weights(mine, comfy_nodes), weights(theirs, comfy_nodes)
+        differ = [(k, float((a[k] - b[k]).abs().max())) for k in a if not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5, equal_nan=True)]
+        assert not differ, differ[:5]
+
+
+def test_lora_output_works_with_core_lora_model_nodes(merged_run, comfy_nodes):
+    executor, _ = merged_run
+    base_model, _clip, _vae = outputs_of(executor, "1")
+    model, _clip2, lora, _report = outputs_of(executor, "4")
+    import comfy_extras.nodes_train as train
+
+    loaded = train.LoraModelLoader.execute(base_model, lora, 1.0).result[0]
+    a, b = weights(model, comfy_nodes), weights(loaded, comfy_nodes)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6, equal_nan=True) for k in a)
+
+
+def test_one_lora_is_reproduced(pack, loras, comfy_nodes):
+    executor = make_executor()
+    ok, messages, _ = run_prompt(graph(loras, concepts=("dog",), save_name="single"), executor)
+    assert ok, messages
+    base_model, base_clip, _vae = outputs_of(executor, "1")
+    model, clip, _lora, _report = outputs_of(executor, "4")
+    folder, names = loras
+    reference_model, reference_clip = comfy_nodes.LoraLoader().load_lora(base_model, base_clip, names["dog"], 1.0, 1.0)
+    total = 0
+    for base_part, merged_part, reference_part, tolerance in ((base_model, model, reference_model, 5e-3),
+                                                              (base_clip, clip, reference_clip, 3e-2)):
+        base = weights(base_part, comfy_nodes)
+        mine, theirs = weights(merged_part, comfy_nodes), weights(reference_part, comfy_nodes)
+        changed = [k for k in base if not torch.equal(theirs[k], base[k], ) and torch.isfinite(base[k]).all()]
+        for k in changed:
+            error = (mine[k] - theirs[k]).norm() / (theirs[k] - base[k]).norm()
+            assert error < tolerance, (k, float(error))   # CLIP weights are fp16 in ComfyUI
+        total += len(changed)
+    assert total > 60
+
+
+def test_identical_prompt_is_served_from_cache_and_settings_change_reuses_samples(pack, loras, caplog):
+    executor = make_executor()
+    prompt = graph(loras, save_name="cached")
+    assert run_prompt(prompt, executor)[0]
+    ok, messages, _ = run_prompt(prompt, executor)
+    cached = next(data["nodes"] for kind, data in messages if kind == "execution_cached")
+    assert ok and set(cached) == set(prompt)
+    with caplog.at_level(logging.INFO):
+        ok, messages, _ = run_prompt(graph(loras, save_name="cached", merge={"regularization": 1e-3}), executor)
+    assert ok
+    assert sum("reusing its" in r.getMessage() for r in caplog.records) == 2   # both concepts' samples
+
+
+def test_a_lora_for_another_model_ends_with_a_clear_error(pack, loras, comfy_nodes):
+    from full_size import full_size_tables
+
+    folder, _ = loras
+    sd2 = full_size_tables()["sd2"]
+    deltas = random_lora_deltas(sd2, 3, rank=2, include=r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_[kv]$")
+    MergedLora(deltas, sd2).save(folder / "made_for_sd2.safetensors", overwrite=True)
+    before = sorted(p.name for p in folder.iterdir())
+    ok, messages, _ = run_prompt(graph(loras, concepts=("dog", "made_for_sd2.safetensors"), save_name="never"))
+    error = next(data for kind, data in messages if kind == "execution_error")
+    assert not ok and error["node_type"] == "IterIS_MergeLoras"
+    assert "made_for_sd2.safetensors" in error["exception_message"]
+    assert "looks made for SD2.x but the base model is SD1.x" in error["exception_message"]
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_corrupt_file_is_refused_by_the_concept_node(pack, loras):
+    folder, names = loras
+    data = (folder / names["dog"]).read_bytes()
+    (folder / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    ok, messages, _ = run_prompt(graph(loras, concepts=("dog", "cut.safetensors"), save_name="never"))
+    error = next(data for kind, data in messages if kind == "execution_error")
+    assert not ok and error["node_type"] == "IterIS_LoraConcept"
+    assert "cut.safetensors" in error["exception_message"] and "truncated" in error["exception_message"]
+    assert not (folder / "never.safetensors").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"10": {"prompts": "  \n# only a comment\n"}}, "write at least one prompt"),
+    ({"5": {"filename": "../escape"}}, "may not contain folders or '..'"),
+    ({"10": {"lora_name": "missing.safetensors"}}, "is not in models/loras"),
+    ({"4": {"iterations": 99}}, "iterations must be between 0 and 50"),
+    ({"4": {"timesteps": 9, "steps": 4}}, "timesteps (9) cannot exceed steps (4)"),
+])
+def test_bad_inputs_are_refused_before_anything_runs(pack, loras, change, words):
+    folder, _ = loras
+    prompt = graph(loras, save_name="never")
+    for node, inputs in change.items():
+        prompt[node]["inputs"].update(inputs)
+    before = sorted(p.name for p in folder.iterdir())
+    ok, messages, _ = run_prompt(prompt)
+    assert not ok and messages[0][0] == "validation"
+    assert words in str(messages[0][2])
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_save_never_overwrites_unless_asked(pack, loras):
+    folder, _ = loras
+    (folder / "taken.safetensors").write_bytes(b"precious")
+    ok, _, outputs = run_prompt(graph(loras, merge={"method": "concat"}, save_name="taken"))
+    assert ok and (folder / "taken.safetensors").read_bytes() == b"precious"
+    assert "taken_00001.safetensors" in outputs["5"]["text"][0]
+    ok, _, _ = run_prompt(graph(loras, merge={"method": "concat"}, save_name="taken", overwrite=True))
+    assert ok and (folder / "taken.safetensors").read_bytes() != b"precious"
+
+
+def test_cancel_stops_the_merge_and_leaves_nothing(pack, loras, comfy_nodes, tiny_checkpoint):
+    import comfy.model_management
+    import comfy.utils
+
+    folder, _ = loras
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if len(calls) == 3:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    executor = make_executor()
+    try:
+        ok, messages, _ = run_prompt(graph(loras, save_name="interrupted", merge={"seed": 7}), executor)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert not ok
+    assert any(kind == "execution_interrupted" for kind, _ in messages), messages
+    assert not (folder / "interrupted.safetensors").exists()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    base_model, base_clip, _vae = outputs_of(executor, "1")
+    modules = list(base_model.model.diffusion_model.modules()) + list(base_clip.cond_stage_model.modules())
+    assert not [m for m in modules if m._forward_hooks or m._forward_pre_hooks]   # no hook left behind
+    assert run_prompt(graph(loras, save_name="after_cancel"))[0]                   # and the next run works
+
+
+def test_real_samples_that_comfyui_loads_for_sd1_are_accepted(pack, loras, samples_dir):
+    """Every real file ComfyUI itself can load on SD1.x is accepted by the concept node and placed by the
+    engine on SD1.5's layers; the files ComfyUI cannot load either load here too (formats we read that it
+    does not) or are refused with a message naming the file."""
+    import comfy.lora
+    import comfy.utils
+    from comfy_fixtures import comfy_places_every_patch, comfy_sd15_key_map
+    from full_size import full_size_tables
+
+    folder, _ = loras
+    key_map, shapes = comfy_sd15_key_map(with_shapes=True)
+    sd1 = full_size_tables()["sd1"]
+    concept = pack["IterIS_LoraConcept"]
+    extra_formats = {"sd15_diffusers_lora_r4", "sd14_diffusers_lora_r4", "sd15inpaint_diffusers_lora_r4",
+                     "clip_l_peft_te_r8_sd15", "clip_l_peft_te_r8_sdxl_te1", "sd15_cloneofsimo_positional_r4_fp16",
+                     "sd15_cloneofsimo_positional_r1_tokens_fp32", "sd15inpaint_cloneofsimo_positional_r1_tokens_mixed"}
+    comfy_loads = set()
+    for path in sorted(samples_dir.glob("*.safetensors")):
+        shutil.copy(path, folder / path.name)
+        sidecar = path.with_name(path.stem + ".adapter_config.json")
+        if sidecar.exists():
+            shutil.copy(sidecar, folder / sidecar.name)
+        if comfy_places_every_patch(path, key_map, shapes):
+            comfy_loads.add(path.stem)
+        try:
+            concept.execute(path.name, 1.0, 1.0, "a photo of sks")
+            load_lora(folder / path.name, sd1)
+            accepted, message = True, ""
+        except Exception as exc:          # noqa: BLE001 - the message is what is checked
+            accepted, message = False, str(exc)
+        if path.stem in comfy_loads or path.stem in extra_formats:
+            assert accepted, (path.name, message)
+        else:
+            assert not accepted and path.name in message, path.name
+    assert {"sd15_kohya_lokr_r4_fp16", "sd15_diffusers_attnproc_r4"} <= comfy_loads
