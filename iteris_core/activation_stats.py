@@ -4,10 +4,13 @@ Concepts are taken one after another. During concept ``i``'s pass the hooks feed
 (rows are tokens) here; nothing of the activations is kept beyond fp32 sums:
 
 * per distinct layer input (a *group*: q/k/v share one, all cross-attention k/v share the text
-  context): scratch sums ``Xt^T Xt`` and, from iteration 1, ``X^T Xt`` (d x d), the token count
-  and the input energy; emptied after every concept;
+  context): scratch sums ``Xt^T Xt`` and, from iteration 1, ``X^T Xt`` (d x d; or, when memory
+  is short, only ``X^T (Xt G)`` with a thin random ``G``, which gives ``||X Xt^T||_F`` by the
+  probe identity), the token count and the input energy; emptied after every concept;
 * per layer: the system ``M = sum_i lam_i (K_i + a ||K_i|| I)`` (d x d, one per layer whatever
   the number of concepts) and, per concept, the small ``(A_i X_i)^T``-by-``Xt_i`` product (r_i x d).
+  The systems are touched once per concept, so they may live in host memory while the scratch
+  sums stay next to the activations.
 
 Layers solved in the row space ``Q`` of their LoRAs keep projected R' x R' sums instead, and
 estimate the ridge norms with fixed random probes (``||G||_F^2 = E ||G g||^2 / k``).
@@ -22,6 +25,7 @@ import torch
 from .layers import LayerInfo
 from .low_rank import LowRankDelta
 from .solver import ConceptTerm, adaptive_weight, solve_full, solve_subspace
+from .symmetric import Triangles
 
 PROBES = 32  # probe vectors for Frobenius-norm estimates in row-space mode
 
@@ -54,7 +58,7 @@ class _Group:
     """Scratch sums for one distinct layer input; emptied after every concept."""
 
     dim: int
-    gram: torch.Tensor | None = None         # sum Xt^T Xt              (full mode)
+    gram: torch.Tensor | None = None         # sum Xt^T Xt, upper triangle (full mode)
     cross: torch.Tensor | None = None        # sum X^T Xt               (full mode, paired passes)
     probe_gram: torch.Tensor | None = None   # sum Xt^T (Xt G)  (d x k) (row-space mode)
     probe_cross: torch.Tensor | None = None  # sum X^T (Xt G)
@@ -65,7 +69,7 @@ class _Group:
 @dataclass
 class _Layer:
     plan: LayerPlan
-    system: torch.Tensor | None = None       # M (full: d x d; row space: R' x R')
+    system: torch.Tensor | None = None       # M (full: packed upper triangle of d x d; row space: R' x R')
     rhs: torch.Tensor | None = None          # row space: sum_i s lam B_i A^_i (C^_i + a|C_i| I)
     terms: list[ConceptTerm] = field(default_factory=list)
     numerator: torch.Tensor | None = None    # this concept: (A X)^T Xt (r x d), row space: (Q X)^T (Q Xt)
@@ -87,10 +91,12 @@ class StageStatistics:
 
     def __init__(self, plans: list[LayerPlan], *, regularization: float, adaptive: bool,
                  device: torch.device | str = "cpu", weights: dict[str, LayerWeights] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, system_device: torch.device | str | None = None, exact_cross_norm: bool = True):
         self.regularization = regularization
         self.adaptive = adaptive
-        self.device = torch.device(device)
+        self.device = torch.device(device)                   # scratch sums: where the activations are
+        self.system_device = torch.device(system_device) if system_device is not None else self.device
+        self.exact_cross_norm = exact_cross_norm              # False: ||X Xt^T|| from random probes
         self.first_iteration = weights is None
         self.weights: dict[str, LayerWeights] = {} if weights is None else weights
         self.layers = {p.name: _Layer(p) for p in plans}
@@ -101,6 +107,7 @@ class StageStatistics:
         self.objective: dict[str, float] = {}   # lam-weighted residual of the incoming merged model
         self._generator = torch.Generator().manual_seed(seed)
         self._probes: dict[int, torch.Tensor] = {}
+        self.triangles = Triangles()   # Gram sums and full-mode systems are kept as upper triangles
 
     # -- helpers ---------------------------------------------------------------------------------
     def probe(self, dim: int) -> torch.Tensor:
@@ -109,8 +116,8 @@ class StageStatistics:
             self._probes[dim] = torch.randn(dim, PROBES, generator=self._generator)
         return self._probes[dim]
 
-    def _add(self, current: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
-        update = update.to(self.device, torch.float32)
+    def _add(self, current: torch.Tensor | None, update: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        update = update.to(device or self.device, torch.float32)
         return update.clone() if current is None else current.add_(update)
 
     def is_subspace_group(self, group: str) -> bool:
@@ -123,9 +130,12 @@ class StageStatistics:
         g = self.groups[group]
         own32 = own.to(self.device, torch.float32)
         xt32 = own32 if merged is None else merged.to(self.device, torch.float32)
-        g.gram = self._add(g.gram, xt32.T @ xt32)
+        g.gram = self._add(g.gram, self.triangles(g.dim, self.device).pack(xt32.T @ xt32))
         if merged is not None:
-            g.cross = self._add(g.cross, own32.T @ xt32)
+            if self.exact_cross_norm:
+                g.cross = self._add(g.cross, own32.T @ xt32)
+            else:
+                g.probe_cross = self._add(g.probe_cross, own32.T @ (xt32 @ self.probe(g.dim).to(self.device)))
         g.energy += float(own32.pow(2).sum())
         g.tokens += own.shape[0]
 
@@ -173,9 +183,14 @@ class StageStatistics:
                 gram, gram_norm = None, _frobenius(g.probe_gram) / n / root_k
                 cross_norm = gram_norm if g.probe_cross is None else _frobenius(g.probe_cross) / n / root_k
             else:
-                gram = g.gram.div_(n)
-                gram_norm = _frobenius(gram)
-                cross_norm = gram_norm if g.cross is None else _frobenius(g.cross) / n
+                gram = g.gram.div_(n)                               # packed upper triangle
+                gram_norm = self.triangles(g.dim, self.device).frobenius(gram)
+                if g.cross is not None:
+                    cross_norm = _frobenius(g.cross) / n
+                elif g.probe_cross is not None:
+                    cross_norm = _frobenius(g.probe_cross) / n / PROBES ** 0.5
+                else:
+                    cross_norm = gram_norm
             for name in members:
                 self._finish_layer(self.layers[name], concept, n, g.energy / n, gram, gram_norm, cross_norm)
             self.groups[group_name] = _Group(g.dim)
@@ -202,22 +217,23 @@ class StageStatistics:
             self.objective[plan.name] = previous + self.weights[plan.name].lam[concept] * layer.residual / tokens
         lam = self.weights[plan.name].lam[concept]
 
+        systems = self.system_device
         if plan.subspace:
             proj_gram = layer.proj_gram / tokens
             eye = torch.eye(proj_gram.shape[0], device=self.device)
-            layer.system = self._add(layer.system, lam * (proj_gram + a * gram_norm * eye))
+            layer.system = self._add(layer.system, lam * (proj_gram + a * gram_norm * eye), systems)
             if delta is not None:
                 cross = proj_gram if layer.numerator is None else layer.numerator / tokens
                 basis = plan.basis.to(self.device)
                 coords = delta.down.to(self.device) @ basis.T           # A^ = A Q^T (r x R')
                 rows = (delta.up.to(self.device) @ coords) @ (cross + a * cross_norm * eye)
-                layer.rhs = self._add(layer.rhs, rows * (delta.scale * lam))
+                layer.rhs = self._add(layer.rhs, rows * (delta.scale * lam), systems)
         else:
-            update = gram * lam
-            update.diagonal().add_(lam * a * gram_norm)
-            layer.system = self._add(layer.system, update)
+            update = self.triangles(plan.info.input_dim, self.device).add_to_diagonal(gram * lam, lam * a * gram_norm)
+            layer.system = self._add(layer.system, update, systems)
             if delta is not None:
-                layer.terms.append(ConceptTerm(delta, lam, layer.numerator / tokens, cross_norm))
+                numerator = (layer.numerator / tokens).to(systems)
+                layer.terms.append(ConceptTerm(delta, lam, numerator, cross_norm))
         layer.numerator = layer.proj_gram = None
         layer.output_energy = layer.residual = 0.0
 
@@ -240,7 +256,8 @@ class StageStatistics:
             if plan.subspace:
                 merged[name] = solve_subspace(layer.system, layer.rhs, plan.basis, name)
             else:
-                merged[name] = solve_full(layer.system, layer.terms, self.regularization, name)
+                system = self.triangles(plan.info.input_dim, self.system_device).unpack(layer.system)
+                merged[name] = solve_full(system, layer.terms, self.regularization, name)
             layer.system = layer.rhs = None
             layer.terms = []
         return merged

@@ -27,7 +27,7 @@ from .lora_io import LoraFile
 from .lora_normalize import NormalizedLora, load_lora, lora_from_tensors
 from .lora_writer import MergedLora
 from .low_rank import LowRankDelta, truncate
-from .memory import free_device_memory, plan_memory, unet_activation_bytes
+from .memory import Placement, available_bytes, choose_plan, unet_activation_bytes
 from .report import InputReport, LayerReport, MergeReport
 from .settings import MergeSettings, Method
 
@@ -127,13 +127,11 @@ def _keep_components(deltas: dict[str, LowRankDelta], settings: MergeSettings) -
             if (settings.merge_unet if n.startswith(UNET + ".") else settings.merge_text_encoder)}
 
 
-def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSettings, statistics_device: torch.device):
-    text_plans = loop._plans(loop.text_layers)
-    unet_plans = loop._plans(loop.unet_layers)
-    components = backend.layer_table().components
-    model_bytes = sum(backend.weights_bytes(c) for c in components)
+def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSettings, forced: Placement | None):
+    """The memory plan and placement of the statistics for this merge on this backend."""
     table = backend.layer_table()
-    first_unet = next((i for n, i in table.layers.items() if n.startswith("unet.")), None)
+    model_bytes = sum(backend.weights_bytes(c) for c in table.components)
+    first_unet = next((info for name, info in table.layers.items() if name.startswith(UNET + ".")), None)
     height, width = backend.resolution(settings.sampling)
     tokens = (height // 8) * (width // 8)
     channels = first_unet.out_features if first_unet is not None else 320
@@ -141,10 +139,10 @@ def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSetting
     bytes_per_value = torch.finfo(backend.dtype).bits // 8
     activations = unet_activation_bytes(tokens, channels, rows, 8 * tokens * tokens, bytes_per_value,
                                         attention_materialised=backend.device.type == "cpu")
-    return plan_memory(device=backend.device, statistics_device=statistics_device, model_bytes=model_bytes,
-                       stages=[text_plans, unet_plans], iterations=settings.effective_iterations,
-                       activation_bytes=activations), {n for p in (text_plans, unet_plans) for n in
-                                                       (q.name for q in p if q.subspace)}
+    stages = [loop._plans(loop.text_layers), loop._plans(loop.unet_layers)]
+    plan = choose_plan(backend.device, stages, settings.effective_iterations, model_bytes, activations,
+                       available_bytes(backend.device), forced)
+    return plan, {p.name for stage in stages for p in stage if p.subspace}
 
 
 def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], settings: MergeSettings | None = None,
@@ -190,18 +188,18 @@ def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], se
     method = settings.method
     subspace_layers: set[str] = set()
     if method.needs_model:
-        stats_device = torch.device(statistics_device) if statistics_device else backend.device
         keys = [_sample_key(c, lora) for c, lora in zip(concepts, loras)] if sample_cache is not None else None
-        loop = IterisLoop(backend, prepared, settings, stats_device=stats_device, log=log,
-                          on_progress=on_progress, should_stop=should_stop, sample_cache=sample_cache,
-                          sample_keys=keys)
-        plan, subspace_layers = _memory_plan(backend, loop, settings, stats_device)
-        free = free_device_memory(backend.device)
-        if statistics_device is None and free is not None and plan.total_gb * 1024 ** 3 > free:
-            log(f"{plan.describe()}; only {free / 1024 ** 3:.2f} GB free: statistics go to the CPU")
-            loop.stats_device = torch.device("cpu")
-            plan, _ = _memory_plan(backend, loop, settings, loop.stats_device)
+        loop = IterisLoop(backend, prepared, settings, log=log, on_progress=on_progress, should_stop=should_stop,
+                          sample_cache=sample_cache, sample_keys=keys)
+        forced = Placement(statistics_device, statistics_device, True) if statistics_device else None
+        plan, subspace_layers = _memory_plan(backend, loop, settings, forced)
+        loop.placement = plan.placement
         log(plan.describe())
+        free = available_bytes(backend.device)
+        if free is not None and plan.device_gb * 1024 ** 3 > free:
+            log(f"warning: only {free / 1024 ** 3:.2f} GB are free on {backend.device}; the merge may run out of "
+                "memory (lower the batch size or sub-sample tokens)")
+            report.warnings.append(f"planned {plan.device_gb:.2f} GB on {backend.device}, {free / 1024 ** 3:.2f} GB free")
         report.memory = plan.to_dict()
         try:
             text, unet = loop.run()

@@ -24,6 +24,7 @@ from .backends.base import LatentSample, ModelBackend, TextBatch
 from .errors import MergeInterrupted, SettingsError
 from .layers import UNET, LayerTable, input_group
 from .low_rank import LowRankDelta
+from .memory import Placement
 from .settings import MergeSettings
 from .solver import row_space_basis
 
@@ -99,7 +100,7 @@ class IterisLoop:
     """Runs IterIS (or RegMean: no iteration, uniform weights) on a backend."""
 
     def __init__(self, backend: ModelBackend, concepts: list[PreparedConcept], settings: MergeSettings,
-                 *, stats_device: torch.device | str | None = None, log: LogFn | None = None,
+                 *, placement: Placement | None = None, log: LogFn | None = None,
                  on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
                  sample_cache: dict | None = None, sample_keys: list | None = None):
         if not concepts:
@@ -108,7 +109,8 @@ class IterisLoop:
         self.concepts = concepts
         self.settings = settings
         self.table: LayerTable = backend.layer_table()
-        self.stats_device = torch.device(stats_device) if stats_device is not None else backend.device
+        here = str(backend.device)
+        self.placement = placement or Placement(here, here, True)
         self.log = log or (lambda message: None)
         self.sampling = settings.sampling
         self.use_cfg = self.sampling.guidance > 1.0
@@ -173,8 +175,10 @@ class IterisLoop:
 
     def _stats(self, plans: list[LayerPlan], weights: dict[str, LayerWeights] | None) -> StageStatistics:
         return StageStatistics(plans, regularization=self.settings.regularization,
-                               adaptive=self.settings.uses_adaptive_weights, device=self.stats_device,
-                               weights=weights, seed=self.sampling.seed)
+                               adaptive=self.settings.uses_adaptive_weights, device=self.placement.scratch,
+                               system_device=self.placement.systems,
+                               exact_cross_norm=self.placement.exact_cross_norm, weights=weights,
+                               seed=self.sampling.seed)
 
     def _iterate(self, stage: str, layers: list[str], roots: list[torch.nn.Module],
                  single_pass: Callable[[int, HookSession, HookState], None],

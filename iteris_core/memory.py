@@ -1,14 +1,21 @@
-"""Memory the merge plans to use, stated before it starts.
+"""Memory the merge plans to use, stated before it starts, and where the statistics go.
 
-Statistics are exact counts: fp32 ``d x d`` systems (one per layer), scratch sums (one or two per
-distinct layer input, reused for every concept), the small per-concept products and the factors.
-Weights are the model's own parameter bytes. Activations are an analytical estimate of one
-paired batch's UNet forward (the largest forward the merge makes), calibrated against measured
-peaks on the CPU by ``bench/speed.py``.
+The statistics are exact counts: fp32 ``d x d`` systems (one per layer) and Gram scratch sums (one
+per distinct layer input), both symmetric and stored as upper triangles, plus a full ``d x d`` per
+input for the (non-symmetric) cross term from iteration 1 unless its norm is probed,
+reused for every concept; the small per-concept products and factors. Weights are the model's
+own parameter bytes. Activations are an analytical estimate of one paired batch's UNet forward
+(the largest forward the merge makes), checked against measured peaks by ``bench/speed.py``.
+
+Placements, tried in order until one fits the free memory of the device:
+1. everything next to the activations, cross norms exact;
+2. the per-layer systems in host memory (they are touched once per concept), the rest on the device;
+3. as 2, with the cross norms estimated by random probes instead of a second scratch sum.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,61 +23,98 @@ import torch
 from .activation_stats import PROBES, LayerPlan
 
 GB = 1024 ** 3
-# bytes of live activations per (row x latent token x base channel) at the widest level of an SD
-# UNet during inference, including skip connections kept for the up path; see bench/speed.py
+# bytes of live activations per (row x latent token x base channel) of an SD UNet forward in
+# inference, skip connections for the up path included (bench/speed.py measures it)
 ACTIVATION_FACTOR = 48
+HEADROOM = 0.9   # use at most this fraction of the free memory
 
 
-@dataclass
-class MemoryPlan:
-    device: str
-    statistics_device: str
-    model_gb: float
-    statistics_gb: float     # d x d systems and scratch, fp32, the larger of the two stages
-    small_gb: float          # per-concept r x d products and factors
-    activations_gb: float    # one paired batch's forward (estimate)
+@dataclass(frozen=True)
+class Placement:
+    """Where one merge keeps its statistics."""
 
-    @property
-    def total_gb(self) -> float:
-        on_device = self.model_gb + self.activations_gb
-        if self.statistics_device == self.device:
-            on_device += self.statistics_gb + self.small_gb
-        return on_device
-
-    def describe(self) -> str:
-        stats_where = "" if self.statistics_device == self.device else f" (on {self.statistics_device})"
-        return (f"planned memory on {self.device}: {self.total_gb:.2f} GB = model {self.model_gb:.2f} + "
-                f"statistics {self.statistics_gb:.2f}{stats_where} + small {self.small_gb:.3f} + "
-                f"activations {self.activations_gb:.2f} (estimate)")
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["total_gb"] = self.total_gb
-        return out
+    scratch: str             # scratch sums: with the activations
+    systems: str             # per-layer systems
+    exact_cross_norm: bool   # False: ||X Xt^T||_F from random probes (no second scratch sum)
 
 
-def statistics_bytes(plans: list[LayerPlan], iterations: int) -> tuple[int, int]:
-    """(big, small) bytes of one stage's statistics: systems and scratch, then the small terms."""
-    big = small = 0
+@dataclass(frozen=True)
+class StageBytes:
+    systems: int   # per-layer d x d systems (full mode) or R' x R' (row space)
+    scratch: int   # one d x d per distinct input
+    cross: int     # a second d x d per distinct input, for exact cross norms (iterations >= 1)
+    probes: int    # d x k probe sums, when cross norms are probed or in row-space mode
+    small: int     # per-concept r x d products, factors
+
+    def total(self, exact_cross_norm: bool) -> int:
+        return self.systems + self.scratch + (self.cross if exact_cross_norm else self.probes) + self.small
+
+
+def stage_bytes(plans: list[LayerPlan], iterations: int) -> StageBytes:
+    """Bytes of one stage's statistics (fp32)."""
+    systems = small = scratch = cross = probes = 0
     groups: dict[str, LayerPlan] = {}
     for plan in plans:
         d = plan.info.input_dim
-        present = [delta for delta in plan.deltas if delta is not None]
-        rank = sum(delta.rank for delta in present)
+        rank = sum(delta.rank for delta in plan.deltas if delta is not None)
         groups.setdefault(plan.group, plan)
         if plan.subspace:
             r = plan.basis.shape[0]
             small += 4 * (3 * r * r + plan.info.out_features * r + r * d)
         else:
-            big += 4 * d * d
-            small += 4 * (rank * d + plan.info.out_features * rank + rank * d)
+            systems += 4 * d * (d + 1) // 2      # symmetric: upper triangle only
+            small += 4 * (2 * rank * d + plan.info.out_features * rank)
     for plan in groups.values():
         d = plan.info.input_dim
         if plan.subspace:
-            small += 4 * d * PROBES * 2
+            probes += 4 * d * PROBES * 2
         else:
-            big += 4 * d * d * (2 if iterations > 0 else 1)
-    return big, small
+            scratch += 4 * d * (d + 1) // 2      # symmetric Gram sum: upper triangle only
+            if iterations > 0:
+                cross += 4 * d * d
+                probes += 4 * d * PROBES
+    return StageBytes(systems, scratch, cross, probes, small)
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    placement: Placement
+    model_gb: float
+    activations_gb: float       # one paired batch's forward (estimate)
+    systems_gb: float           # the largest stage's, like the rest
+    scratch_gb: float
+    cross_gb: float             # exact cross sums, or their probes
+    small_gb: float
+
+    @property
+    def device_gb(self) -> float:
+        total = self.model_gb + self.activations_gb + self.scratch_gb + self.cross_gb + self.small_gb
+        if self.placement.systems == self.placement.scratch:
+            total += self.systems_gb
+        return total
+
+    @property
+    def host_gb(self) -> float:
+        return self.systems_gb if self.placement.systems != self.placement.scratch else 0.0
+
+    @property
+    def total_gb(self) -> float:
+        return self.device_gb + self.host_gb
+
+    def describe(self) -> str:
+        where = "" if not self.host_gb else f"; systems {self.systems_gb:.2f} GB in host memory"
+        systems = f"systems {self.systems_gb:.2f} + " if not self.host_gb else ""
+        cross = "exact" if self.placement.exact_cross_norm else "probed"
+        return (f"planned memory on {self.device}: {self.device_gb:.2f} GB = model {self.model_gb:.2f} + "
+                f"activations {self.activations_gb:.2f} (estimate) + statistics {systems}scratch "
+                f"{self.scratch_gb:.2f} + cross {self.cross_gb:.2f} ({cross}) + small {self.small_gb:.3f}{where}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(device_gb=self.device_gb, host_gb=self.host_gb, total_gb=self.total_gb,
+                   statistics_gb=self.systems_gb + self.scratch_gb + self.cross_gb + self.small_gb)
+        return out
 
 
 def unet_activation_bytes(latent_tokens: int, base_channels: int, rows: int, heads_tokens_sq: int,
@@ -81,19 +125,50 @@ def unet_activation_bytes(latent_tokens: int, base_channels: int, rows: int, hea
     return body + attention
 
 
-def plan_memory(*, device: torch.device, statistics_device: torch.device, model_bytes: int,
-                stages: list[list[LayerPlan]], iterations: int, activation_bytes: int) -> MemoryPlan:
-    big = small = 0
-    for plans in stages:
-        b, s = statistics_bytes(plans, iterations)
-        big, small = max(big, b), max(small, s)
-    return MemoryPlan(str(device), str(statistics_device), model_bytes / GB, big / GB, small / GB,
-                      activation_bytes / GB)
+def _plan(device: torch.device, placement: Placement, stages: list[StageBytes], model_bytes: int,
+          activation_bytes: int) -> MemoryPlan:
+    def largest(field: str) -> int:
+        return max((getattr(s, field) for s in stages), default=0)
+
+    cross = largest("cross") if placement.exact_cross_norm else largest("probes")
+    return MemoryPlan(str(device), placement, model_bytes / GB, activation_bytes / GB, largest("systems") / GB,
+                      largest("scratch") / GB, cross / GB, largest("small") / GB)
 
 
-def free_device_memory(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device (None on the CPU: the OS decides)."""
-    if device.type != "cuda":
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device, or the host's available memory for the CPU (None if unknown)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
         return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return free
+
+
+def choose_plan(device: torch.device, stages: list[list[LayerPlan]], iterations: int, model_bytes: int,
+                activation_bytes: int, free_bytes: int | None = None, forced: Placement | None = None) -> MemoryPlan:
+    """The first placement whose device memory fits ``free_bytes`` (the last one if none does;
+    the caller then warns)."""
+    per_stage = [stage_bytes(plans, iterations) for plans in stages if plans]
+    host = "cpu"
+    here = str(device)
+    options = [forced] if forced else [Placement(here, here, True), Placement(here, host, True),
+                                       Placement(here, host, False)]
+    if device.type == "cpu" and not forced:
+        options = [Placement(host, host, True), Placement(host, host, False)]
+    plans = [_plan(device, option, per_stage, model_bytes, activation_bytes) for option in options]
+    if free_bytes is None:
+        return plans[0]
+    for plan in plans:
+        needed = plan.device_gb if device.type != "cpu" else plan.total_gb
+        if needed * GB <= HEADROOM * free_bytes:
+            return plan
+    return plans[-1]

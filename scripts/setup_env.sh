@@ -45,9 +45,11 @@ fi
 
 # 2) venv with the CPU torch wheel (a plain `torch` would pull a multi-GB CUDA build).
 [[ -x venv/bin/python ]] || "$PYTHON" -m venv venv
+# pip on this kind of machine warns about every missing local index folder: keep the log readable
 PIP="venv/bin/python -m pip"
-$PIP install -q --upgrade pip >/dev/null
-$PIP install -q torch==2.13.0
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet $PIP install -q --upgrade pip >/dev/null
+quiet $PIP install -q torch==2.13.0
 
 # 3) torchvision stand-in: PyPI's torchvision is a CUDA build that fails to import beside CPU torch.
 #    ComfyUI only imports it; the stub's dist-info lets pip treat torchvision as installed.
@@ -142,9 +144,9 @@ fi
 #    later install from replacing CPU torch or the torchvision stand-in.
 printf 'torch==2.13.0\ntorchvision==0.28.0+stub\n' > constraints.txt
 grep -v -E '^(torch|torchvision|torchaudio)$' ComfyUI/requirements.txt > requirements-comfyui.txt
-$PIP install -q -c constraints.txt -r requirements-comfyui.txt
-$PIP install -q -c constraints.txt -r "$ROOT/requirements-dev.txt"
-$PIP check >&2 || true
+quiet $PIP install -q -c constraints.txt -r requirements-comfyui.txt
+quiet $PIP install -q -c constraints.txt -r "$ROOT/requirements-dev.txt"
+quiet $PIP check >&2 || true
 
 echo "$want" > "$STAMP"
 echo "[setup] done: $ITERIS_ENV/venv/bin/python" >&2

@@ -110,3 +110,22 @@ def test_one_lora_is_reproduced():
     result = _merge(backend, concept, iterations=2)
     for name, delta in concept[0].lora.layers.items():
         assert torch.allclose(result.lora.layers[name].dense(), delta.dense(), rtol=1e-3, atol=1e-5)
+
+
+def test_probed_cross_norms_change_the_merge_only_at_ridge_level():
+    from iteris_core.api import _prepare
+    from iteris_core.iteris import IterisLoop
+    from iteris_core.memory import Placement
+
+    backend = ChainBackend()
+    concepts = _concepts(backend)
+    settings = MergeSettings(iterations=2, tolerance=0, sampling=SAMPLING)   # default ridge 1e-4
+    results = {}
+    for exact in (True, False):
+        loop = IterisLoop(backend, [_prepare(c, c.lora) for c in concepts], settings,
+                          placement=Placement("cpu", "cpu", exact))
+        _text, unet = loop.run()
+        results[exact] = unet.merged
+    for name, delta in results[True].items():
+        error = (results[False][name].dense() - delta.dense()).norm() / delta.dense().norm()
+        assert error < 1e-2, (name, float(error))

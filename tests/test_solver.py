@@ -166,3 +166,19 @@ def test_ties_by_hand():
     merged = ties_dense([x, y], 0.5)
     assert torch.allclose(merged, torch.tensor([[3.0, -2.0], [0.0, 4.0]]))
     assert torch.equal(ties_dense([x], 1.0), x)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 64])
+def test_packed_triangles_round_trip(size):
+    from iteris_core.symmetric import Triangle
+
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(size, 3 * size, generator=g)
+    gram = x @ x.T
+    tri = Triangle.build(size, torch.device("cpu"))
+    packed = tri.pack(gram)
+    assert packed.numel() == size * (size + 1) // 2
+    assert torch.allclose(tri.unpack(packed), gram)
+    assert tri.frobenius(packed) == pytest.approx(float(torch.linalg.matrix_norm(gram)), rel=1e-5)
+    bumped = tri.unpack(tri.add_to_diagonal(packed.clone(), 2.5))
+    assert torch.allclose(bumped, gram + 2.5 * torch.eye(size))

@@ -1,0 +1,69 @@
+"""The memory plan: exact statistics sizes, the placement chosen for the free memory, and the
+full-size targets (3 concepts: SD1.5 within 8 GB, SDXL within 16 GB of GPU memory)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from iteris_core.activation_stats import LayerPlan
+from iteris_core.layers import input_group
+from iteris_core.low_rank import LowRankDelta
+from iteris_core.memory import GB, Placement, choose_plan, stage_bytes, unet_activation_bytes
+
+ATTENTION = re.compile(r"(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|ff\.net\.(0\.proj|2)|mlp\.fc[12]|proj_(in|out))$")
+
+
+def _stages(table, concepts=3, rank=16):
+    delta = LowRankDelta(torch.zeros(1, rank), torch.zeros(rank, 1))
+    stages = {"text": [], "unet": []}
+    for name, info in table.layers.items():
+        if ATTENTION.search(name):
+            stage = "unet" if name.startswith("unet.") else "text"
+            stages[stage].append(LayerPlan(name, info, input_group(name), [delta] * concepts))
+    return [stages["text"], stages["unet"]]
+
+
+def test_sd15_unet_statistics_are_counted_exactly(full_tables):
+    _text, unet = _stages(full_tables["sd1"])
+    sizes = stage_bytes(unet, iterations=3)
+    inputs = {}
+    for plan in unet:
+        inputs[plan.group] = plan.info.input_dim
+    assert len(unet) == 192 and len(inputs) == 129
+    assert sizes.cross == sum(4 * d * d for d in inputs.values())
+    assert sizes.scratch == sum(4 * d * (d + 1) // 2 for d in inputs.values())     # packed triangles
+    assert sizes.systems == sum(4 * p.info.input_dim * (p.info.input_dim + 1) // 2 for p in unet)
+    assert stage_bytes(unet, iterations=0).cross == 0      # RegMean never needs the cross sums
+    # the d x d statistics do not grow with the number of concepts
+    big = lambda s: s.systems + s.scratch + s.cross  # noqa: E731
+    assert big(stage_bytes(_stages(full_tables["sd1"], concepts=5)[1], 3)) == big(sizes)
+
+
+def test_placements_are_tried_in_order(full_tables):
+    stages = _stages(full_tables["sd1"])
+    cuda = torch.device("cuda")
+    everything = choose_plan(cuda, stages, 3, 2 * GB, GB, free_bytes=None)
+    assert everything.placement == Placement("cuda", "cuda", True)
+    host_systems = choose_plan(cuda, stages, 3, 2 * GB, GB, free_bytes=int((everything.device_gb - 0.5) * GB / 0.9))
+    assert host_systems.placement == Placement("cuda", "cpu", True) and host_systems.host_gb > 0
+    probed = choose_plan(cuda, stages, 3, 2 * GB, GB, free_bytes=int((host_systems.device_gb - 0.2) * GB / 0.9))
+    assert probed.placement == Placement("cuda", "cpu", False)
+    assert probed.device_gb < host_systems.device_gb < everything.device_gb
+
+
+def _full_size_plan(table, params: int, side: int, channels: int, free_gb: float):
+    activations = unet_activation_bytes((side // 8) ** 2, channels, rows=2 * 2 * 2, heads_tokens_sq=0,
+                                        bytes_per_value=2, attention_materialised=False)
+    return choose_plan(torch.device("cuda"), _stages(table), 3, 2 * params, activations, int(free_gb * GB))
+
+
+@pytest.mark.parametrize("architecture, params, side, budget", [
+    ("sd1", 860_000_000 + 123_000_000, 512, 8.0),
+    ("sdxl", 2_567_000_000 + 123_000_000 + 695_000_000, 1024, 16.0),
+])
+def test_planned_gpu_memory_for_three_concepts_fits_the_target(full_tables, architecture, params, side, budget):
+    plan = _full_size_plan(full_tables[architecture], params, side, 320, budget)
+    assert plan.device_gb <= budget, plan.describe()
