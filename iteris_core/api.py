@@ -27,7 +27,7 @@ from .lora_io import LoraFile
 from .lora_normalize import NormalizedLora, load_lora, lora_from_tensors
 from .lora_writer import MergedLora
 from .low_rank import LowRankDelta, truncate
-from .memory import Placement, available_bytes, choose_plan, unet_activation_bytes
+from .memory import Placement, activation_estimate, available_bytes, choose_plan
 from .report import InputReport, LayerReport, MergeReport
 from .settings import MergeSettings, Method
 
@@ -131,15 +131,10 @@ def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSetting
     """The memory plan and placement of the statistics for this merge on this backend."""
     table = backend.layer_table()
     model_bytes = sum(backend.weights_bytes(c) for c in table.components)
-    first_unet = next((info for name, info in table.layers.items() if name.startswith(UNET + ".")), None)
     height, width = backend.resolution(settings.sampling)
-    tokens = (height // 8) * (width // 8)
-    channels = first_unet.out_features if first_unet is not None else 320
-    rows = 2 * settings.sampling.batch_size * (2 if settings.sampling.guidance > 1 else 1)
-    bytes_per_value = torch.finfo(backend.dtype).bits // 8
-    activations = unet_activation_bytes(tokens, channels, rows, 8 * tokens * tokens, bytes_per_value,
-                                        attention_materialised=backend.device.type == "cpu")
-    stages = [loop._plans(loop.text_layers), loop._plans(loop.unet_layers)]
+    activations = activation_estimate(table, height, width, settings.sampling.batch_size, settings.sampling.guidance,
+                                      backend.dtype, backend.device.type)
+    stages = loop.stage_plans()
     plan = choose_plan(backend.device, stages, settings.effective_iterations, model_bytes, activations,
                        available_bytes(backend.device), forced)
     return plan, {p.name for stage in stages for p in stage if p.subspace}

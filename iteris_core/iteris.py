@@ -48,6 +48,8 @@ class IterationRecord:
     stage: str
     iteration: int
     seconds: float
+    passes_seconds: float = 0.0         # running the model (sampling included, at iteration 0)
+    solve_seconds: float = 0.0          # folding the statistics and solving the layers
     objective: float | None = None      # mean relative objective of the model that made the inputs
     max_change: float | None = None     # max over layers of ||D_t - D_{t-1}|| / ||D_{t-1}||
     mean_change: float | None = None
@@ -148,6 +150,10 @@ class IterisLoop:
                 unet += math.ceil(samples / self.sampling.batch_size) * self.settings.effective_iterations
         return text + unet
 
+    def stage_plans(self) -> list[list[LayerPlan]]:
+        """The layer plans of the text stage and of the UNet stage (for memory planning)."""
+        return [self._plans(self.text_layers), self._plans(self.unet_layers)]
+
     def _plans(self, layers: list[str]) -> list[LayerPlan]:
         plans = []
         for name in layers:
@@ -189,18 +195,25 @@ class IterisLoop:
             for iteration in range(self.settings.effective_iterations + 1):
                 started = time.perf_counter()
                 stats = self._stats(plans, result.weights if iteration else None)
+                passes = folding = 0.0
                 for i, concept in enumerate(self.concepts):
                     first = {n: d for n, d in concept.deltas.items() if n in stats.layers}
+                    tick = time.perf_counter()
                     if iteration == 0:
                         single_pass(i, session, HookState(first=first, stats=stats, concept=i))
                     else:
                         paired_pass(i, session, HookState(first=first, second=result.merged, stats=stats, concept=i))
+                    tock = time.perf_counter()
                     stats.finish_concept(i)
+                    passes += tock - tick
+                    folding += time.perf_counter() - tock
                 if iteration == 0:
                     result.weights = stats.weights
                 objective = stats.relative_objective()
+                tick = time.perf_counter()
                 merged = stats.solve()
-                record = IterationRecord(stage, iteration, 0.0)
+                record = IterationRecord(stage, iteration, 0.0, passes_seconds=passes,
+                                         solve_seconds=folding + time.perf_counter() - tick)
                 if iteration:
                     for name, value in objective.items():
                         result.layer_objective.setdefault(name, []).append(value)

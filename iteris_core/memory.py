@@ -125,6 +125,18 @@ def unet_activation_bytes(latent_tokens: int, base_channels: int, rows: int, hea
     return body + attention
 
 
+def activation_estimate(table, height: int, width: int, batch_size: int, guidance: float, dtype: torch.dtype,
+                        device_type: str) -> int:
+    """Activation bytes of the largest forward a merge makes: a paired batch of ``batch_size``
+    samples (twice, for CFG's two conditionings) through the UNet at ``height x width`` pixels.
+    The CPU's attention materialises its score matrices; CUDA's fused attention does not."""
+    first = next((info for name, info in table.layers.items() if name.startswith("unet.")), None)
+    tokens = (height // 8) * (width // 8)
+    rows = 2 * batch_size * (2 if guidance > 1 else 1)
+    return unet_activation_bytes(tokens, first.out_features if first else 320, rows, 8 * tokens * tokens,
+                                 torch.finfo(dtype).bits // 8, attention_materialised=device_type == "cpu")
+
+
 def _plan(device: torch.device, placement: Placement, stages: list[StageBytes], model_bytes: int,
           activation_bytes: int) -> MemoryPlan:
     def largest(field: str) -> int:

@@ -1,0 +1,1 @@
+"""Benchmarks: merge quality against the baselines, speed and memory against the forward floor."""

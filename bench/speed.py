@@ -1,0 +1,282 @@
+"""Speed and memory of a merge against the bare forward passes it has to make.
+
+    python -m bench.speed --arch sd15 --concepts 2 --resolution 256      # CPU, minutes
+    python -m bench.speed --arch sd15 --device cuda                        # users with a GPU
+
+Full-size architectures with random weights (speed does not depend on weight values), random
+rank-16 LoRAs on every attention/MLP layer and both text encoders. In one run it measures: the
+merge through the engine (diffusers backend on a single-file checkpoint), split into phases; the
+same model calls made bare, with no hook (the floor: a merge cannot do less); peak process memory
+against the engine's own plan for the device; the merge through the ComfyUI node on the same
+checkpoint; and the plan for a GPU at native resolution. Results: bench/results/speed_<arch>_<device>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import CACHE, GB, machine, markdown_table, peak_rss_gb, reset_peak_rss, rss_gb, save_results
+
+ATTENTION = r"(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|ff\.net\.(0\.proj|2)|mlp\.fc[12]|proj_(in|out))$"
+NATIVE = {"sd15": 512, "sdxl": 1024}
+BUDGET_GB = {"sd15": 8.0, "sdxl": 16.0}
+
+
+def checkpoint(architecture: str) -> Path:
+    path = CACHE / f"{architecture}_random.safetensors"
+    if not path.exists():
+        from bench.checkpoints import build_checkpoint
+        from bench.comfy import import_comfy
+
+        import_comfy()
+        build_checkpoint(architecture, path)
+    return path
+
+
+def random_loras(table, count: int, rank: int, folder: Path) -> list[Path]:
+    """Random kohya-format LoRAs (what trainers write) on the attention/MLP layers."""
+    from iteris_core.backends.tiny import random_lora_deltas
+    from iteris_core.lora_writer import MergedLora
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        deltas = random_lora_deltas(table, 100 + i, rank=rank, scale=0.05, include=ATTENTION)
+        paths.append(MergedLora(deltas, table).save(folder / f"concept_{i}.safetensors", overwrite=True))
+    return paths
+
+
+def forward_floor(backend, concepts, settings, text_passes: int, unet_passes: int) -> dict:
+    """The model calls a merge makes, made bare: the same encodes, the same sampled trajectories,
+    the same paired replay batches, with no hook and no statistics."""
+    from iteris_core.backends.base import TextBatch
+
+    sampling = settings.sampling
+    cfg = sampling.guidance > 1
+    keep = sampling.kept_steps()
+    times = {"text": 0.0, "sampling": 0.0, "replay": 0.0}
+    with torch.no_grad():
+        start = time.perf_counter()
+        conds = []
+        for _ in range(text_passes):               # iteration 0 single, later iterations paired
+            for i, concept in enumerate(concepts):
+                prompts = list(concept.prompts) + ([concept.negative_prompt] if cfg else [])
+                backend.encode_text(prompts if _ == 0 else prompts + prompts)
+        for concept in concepts:                   # each concept's merged conditioning
+            prompts = list(concept.prompts) + ([concept.negative_prompt] if cfg else [])
+            conds.append(backend.encode_text(prompts).to("cpu"))
+        times["text"] = time.perf_counter() - start
+        samples = []
+        start = time.perf_counter()
+        for concept, cond in zip(concepts, conds):
+            kept = []
+            trajectories = [(p, sampling.seed + p * sampling.samples_per_prompt + k)
+                            for p in range(len(concept.prompts)) for k in range(sampling.samples_per_prompt)]
+            for first in range(0, len(trajectories), sampling.batch_size):
+                chunk = trajectories[first:first + sampling.batch_size]
+                rows = [p for p, _ in chunk]
+                negative = [len(concept.prompts)] * len(rows)
+                out = backend.sample(cond.select(rows), cond.select(negative) if cfg else cond.select(rows),
+                                     [s for _, s in chunk], sampling, keep, lambda step: None)
+                kept += [(p, s) for (p, _), trajectory in zip(chunk, out) for s in trajectory]
+            samples.append(kept)
+        times["sampling"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(unet_passes):
+            for concept, cond, kept in zip(concepts, conds, samples):
+                for first in range(0, len(kept), sampling.batch_size):
+                    chunk = kept[first:first + sampling.batch_size]
+                    latents = torch.stack([s.latent for _, s in chunk])
+                    steps = torch.stack([s.timestep for _, s in chunk])
+                    prompts = [p for p, _ in chunk]
+                    rows = [len(concept.prompts)] * len(prompts) + prompts if cfg else prompts
+                    copies = 4 if cfg else 2
+                    backend.denoise(latents.repeat(copies, 1, 1, 1), steps.repeat(copies),
+                                    TextBatch.cat([cond.select(rows)] * 2))
+        times["replay"] = time.perf_counter() - start
+    times["total"] = sum(times.values())
+    return times
+
+
+def run_engine(path: Path, loras: list[Path], prompts: list[list[str]], settings, device: str) -> dict:
+    from iteris_core import Concept, merge_loras
+    from iteris_core.api import _prepare, load_concept_lora
+    from iteris_core.backends.diffusers_backend import DiffusersBackend
+
+    start = time.perf_counter()
+    backend = DiffusersBackend.from_pretrained(path, device=device)
+    load_s = time.perf_counter() - start
+    concepts = [Concept(lora, p, negative_prompt="blurry") for lora, p in zip(loras, prompts)]
+    baseline = rss_gb()
+    reset_peak_rss()
+    started = time.perf_counter()
+    result = merge_loras(backend, concepts, settings)
+    total = time.perf_counter() - started
+    peak = peak_rss_gb()
+    records = result.report.iterations
+    phases = {
+        "text_s": sum(r.seconds for r in records if r.stage == "text"),
+        "sampling_s": sum(r.passes_seconds for r in records if r.stage == "unet" and r.iteration == 0),
+        "statistics_passes_s": sum(r.passes_seconds for r in records if r.stage == "unet" and r.iteration > 0),
+        "solve_s": sum(r.solve_seconds for r in records),
+    }
+    prepared = [_prepare(c, load_concept_lora(c, i, backend)) for i, c in enumerate(concepts)]
+    text_passes = sum(1 for r in records if r.stage == "text")
+    unet_passes = sum(1 for r in records if r.stage == "unet") - 1
+    floor = forward_floor(backend, prepared, settings, text_passes, unet_passes)
+    return {"load_s": load_s, "total_s": total, **phases, "forward_floor_s": floor["total"],
+            "floor_phases_s": floor, "peak_rss_gb": peak, "rss_before_gb": baseline,
+            "plan": result.report.memory, "layers": len(result.lora.layers),
+            "objective": [r.objective for r in records if r.stage == "unet" and r.objective is not None],
+            "backend": backend, "report": result.report}
+
+
+def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings) -> dict:
+    """The same merge through the ComfyUI node, in-process, on the same checkpoint."""
+    import shutil
+    import tempfile
+
+    from bench.comfy import import_comfy
+    from comfy_fixtures import load_pack, make_executor, run_prompt
+
+    state = Path(tempfile.mkdtemp(prefix="iteris-bench-comfy-"))
+    (state / "models" / "checkpoints").mkdir(parents=True)
+    (state / "models" / "checkpoints" / path.name).symlink_to(path)
+    (state / "models" / "loras").mkdir(parents=True)
+    for lora in loras:
+        shutil.copy(lora, state / "models" / "loras" / lora.name)
+    nodes = import_comfy(base_directory=state)
+    load_pack(nodes)
+    sampling = settings.sampling
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": path.name}}}
+    previous = None
+    for i, (lora, concept_prompts) in enumerate(zip(loras, prompts)):
+        inputs = {"lora_name": lora.name, "strength_model": 1.0, "strength_clip": 1.0,
+                  "prompts": "\n".join(concept_prompts), "negative_prompt": "blurry"}
+        if previous:
+            inputs["previous"] = [previous, 0]
+        previous = str(10 + i)
+        graph[previous] = {"class_type": "IterIS_LoraConcept", "inputs": inputs}
+
+    def merge(method: str) -> dict:
+        return {**graph, "4": {"class_type": "IterIS_MergeLoras", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "concepts": [previous, 0], "method": method,
+            "iterations": settings.iterations, "regularization": settings.regularization,
+            "samples_per_prompt": sampling.samples_per_prompt, "timesteps": sampling.timesteps, "steps": sampling.steps,
+            "cfg": sampling.guidance, "seed": sampling.seed, "rank": 0, "width": sampling.width or 0,
+            "height": sampling.height or 0, "batch_size": sampling.batch_size, "merge_text_encoder": True,
+            "max_tokens": 0}}, "5": {"class_type": "IterIS_SaveLora", "inputs": {
+                "lora": ["4", 2], "filename": f"bench_{method}", "overwrite": True, "precision": "fp16"}}}
+
+    executor = make_executor()
+    start = time.perf_counter()
+    ok, messages, _ = run_prompt(merge("concat"), executor)      # loads the checkpoint, caches the loaders
+    warm = time.perf_counter() - start
+    assert ok, messages
+    start = time.perf_counter()
+    ok, messages, outputs = run_prompt(merge("iteris"), executor)
+    total = time.perf_counter() - start
+    assert ok, messages
+    return {"node_total_s": total, "node_warmup_s": warm, "node_report": outputs["4"]["text"][0]}
+
+
+def planned_gpu(table, settings, loop_plans, architecture: str) -> dict:
+    """The engine's plan for a 3-concept merge at native resolution in fp16 on a GPU whose free
+    memory is the target budget."""
+    from iteris_core.memory import activation_estimate, choose_plan
+
+    side = NATIVE[architecture]
+    activations = activation_estimate(table, side, side, 4, 7.5, torch.float16, "cuda")
+    params = {"sd15": 860_000_000 + 123_000_000, "sdxl": 2_567_000_000 + 123_000_000 + 695_000_000}[architecture]
+    plan = choose_plan(torch.device("cuda"), loop_plans, settings.iterations, 2 * params, activations,
+                       int(BUDGET_GB[architecture] * GB))
+    return plan.to_dict()
+
+
+def three_concept_plans(backend, settings):
+    """Layer plans of a 3-concept merge of rank-16 LoRAs on the attention/MLP layers."""
+    from iteris_core.iteris import IterisLoop, PreparedConcept
+    from iteris_core.low_rank import LowRankDelta
+
+    pattern = re.compile(ATTENTION)
+    delta = LowRankDelta(torch.zeros(1, 16), torch.zeros(16, 1))
+    deltas = {n: delta for n in backend.layer_table().layers if pattern.search(n)}
+    concepts = [PreparedConcept(f"c{i}", deltas, ["x"]) for i in range(3)]
+    return IterisLoop(backend, concepts, settings).stage_plans()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--concepts", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=1, help="seeds per prompt")
+    parser.add_argument("--timesteps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--no-nodes", action="store_true", help="skip the ComfyUI node run")
+    args = parser.parse_args()
+
+    from iteris_core.settings import MergeSettings, SamplingSettings
+
+    settings = MergeSettings(iterations=args.iterations, tolerance=0.0, sampling=SamplingSettings(
+        samples_per_prompt=args.samples, timesteps=args.timesteps, steps=args.steps, guidance=7.5,
+        width=args.resolution, height=args.resolution, batch_size=args.batch_size))
+    path = checkpoint(args.arch)
+    from iteris_core.backends.diffusers_backend import DiffusersBackend
+
+    table = DiffusersBackend.from_pretrained(path, device="cpu").layer_table()
+    loras = random_loras(table, args.concepts, args.rank, CACHE / f"loras_{args.arch}")
+    prompts = [[f"a photo of sks{i} thing"] for i in range(args.concepts)]
+    engine = run_engine(path, loras, prompts, settings, args.device)
+    gpu_plan = planned_gpu(table, settings, three_concept_plans(engine["backend"], settings), args.arch)
+    result = {"model": f"{args.arch} (full size, random weights)", "device": args.device, **machine(),
+              "n_concepts": args.concepts, "samples": args.samples, "timesteps": args.timesteps,
+              "steps": args.steps, "iterations": args.iterations, "resolution": args.resolution,
+              "batch_size": args.batch_size, "rank": args.rank, "layers": engine["layers"],
+              "total_s": engine["total_s"], "forward_floor_s": engine["forward_floor_s"],
+              "overhead_ratio": engine["total_s"] / engine["forward_floor_s"],
+              "phases_s": {k: engine[k] for k in ("text_s", "sampling_s", "statistics_passes_s", "solve_s")},
+              "floor_phases_s": engine["floor_phases_s"], "peak_rss_gb": engine["peak_rss_gb"],
+              "rss_before_merge_gb": engine["rss_before_gb"], "stats_gb": engine["plan"]["statistics_gb"],
+              "planned_cpu_gb": engine["plan"]["total_gb"],
+              "plan_vs_peak": engine["plan"]["total_gb"] / engine["peak_rss_gb"],
+              "planned_vram_gb": gpu_plan["device_gb"], "planned_vram_placement": gpu_plan["placement"],
+              "planned_vram_budget_gb": BUDGET_GB[args.arch], "objective_per_iteration": engine["objective"]}
+    if not args.no_nodes:
+        nodes = run_nodes(path, loras, prompts, settings)
+        result.update(node_total_s=nodes["node_total_s"], node_vs_engine=nodes["node_total_s"] / engine["total_s"])
+    name = f"speed_{args.arch}_{args.device}"
+    rows = [{"what": "merge (engine)", "seconds": result["total_s"]},
+            {"what": "bare forward passes (floor)", "seconds": result["forward_floor_s"]},
+            {"what": "ratio merge / floor", "seconds": result["overhead_ratio"]}]
+    rows += [{"what": f"phase: {k[:-2]}", "seconds": v} for k, v in result["phases_s"].items()]
+    if "node_total_s" in result:
+        rows += [{"what": "merge through the ComfyUI node", "seconds": result["node_total_s"]},
+                 {"what": "ratio node / engine", "seconds": result["node_vs_engine"]}]
+    markdown = (f"# Speed and memory: {result['model']} on {args.device}\n\n"
+                f"{result['cpu']}, {result['cores']} cores, {result['ram_gb']} GB RAM, torch {result['torch']}, "
+                f"{result['date']}. {args.concepts} concepts, rank {args.rank}, {engine['layers']} layers, "
+                f"{args.samples} sample(s) per prompt, {args.timesteps} timesteps of {args.steps} Euler steps, "
+                f"{args.iterations} iterations, {args.resolution}x{args.resolution}, batch {args.batch_size}.\n\n"
+                + markdown_table(rows, [("what", "measure"), ("seconds", "seconds (or ratio)")]) +
+                f"\n\nPeak process memory during the merge: {result['peak_rss_gb']:.2f} GB "
+                f"(the engine planned {result['planned_cpu_gb']:.2f} GB; statistics {result['stats_gb']:.2f} GB).\n"
+                f"Planned GPU memory for 3 concepts at {NATIVE[args.arch]}x{NATIVE[args.arch]} in fp16: "
+                f"{result['planned_vram_gb']:.2f} GB (target {BUDGET_GB[args.arch]:.0f} GB, placement "
+                f"{result['planned_vram_placement']}).\n")
+    json_path, md_path = save_results(name, result, markdown)
+    print(markdown)
+    print(json_path, md_path)
+
+
+if __name__ == "__main__":
+    main()
