@@ -58,7 +58,7 @@ class _Group:
     """Scratch sums for one distinct layer input; emptied after every concept."""
 
     dim: int
-    gram: torch.Tensor | None = None         # sum Xt^T Xt, upper triangle (full mode)
+    gram: torch.Tensor | None = None         # sum Xt^T Xt (full mode; packed if memory is short)
     cross: torch.Tensor | None = None        # sum X^T Xt               (full mode, paired passes)
     probe_gram: torch.Tensor | None = None   # sum Xt^T (Xt G)  (d x k) (row-space mode)
     probe_cross: torch.Tensor | None = None  # sum X^T (Xt G)
@@ -69,7 +69,7 @@ class _Group:
 @dataclass
 class _Layer:
     plan: LayerPlan
-    system: torch.Tensor | None = None       # M (full: packed upper triangle of d x d; row space: R' x R')
+    system: torch.Tensor | None = None       # M (full mode: d x d, or packed; row space: R' x R')
     rhs: torch.Tensor | None = None          # row space: sum_i s lam B_i A^_i (C^_i + a|C_i| I)
     terms: list[ConceptTerm] = field(default_factory=list)
     numerator: torch.Tensor | None = None    # this concept: (A X)^T Xt (r x d), row space: (Q X)^T (Q Xt)
@@ -91,7 +91,8 @@ class StageStatistics:
 
     def __init__(self, plans: list[LayerPlan], *, regularization: float, adaptive: bool,
                  device: torch.device | str = "cpu", weights: dict[str, LayerWeights] | None = None,
-                 seed: int = 0, system_device: torch.device | str | None = None, exact_cross_norm: bool = True):
+                 seed: int = 0, system_device: torch.device | str | None = None, exact_cross_norm: bool = True,
+                 packed: bool = False):
         self.regularization = regularization
         self.adaptive = adaptive
         self.device = torch.device(device)                   # scratch sums: where the activations are
@@ -107,7 +108,9 @@ class StageStatistics:
         self.objective: dict[str, float] = {}   # lam-weighted residual of the incoming merged model
         self._generator = torch.Generator().manual_seed(seed)
         self._probes: dict[int, torch.Tensor] = {}
-        self.triangles = Triangles()   # Gram sums and full-mode systems are kept as upper triangles
+        # when memory is short, Gram sums and full-mode systems are kept as upper triangles only
+        self.packed = packed
+        self.triangles = Triangles()
 
     # -- helpers ---------------------------------------------------------------------------------
     def probe(self, dim: int) -> torch.Tensor:
@@ -120,6 +123,22 @@ class StageStatistics:
         update = update.to(device or self.device, torch.float32)
         return update.clone() if current is None else current.add_(update)
 
+    # symmetric storage: a full matrix, or its packed upper triangle --------------------------
+    def _store(self, dim: int, matrix: torch.Tensor) -> torch.Tensor:
+        return self.triangles(dim, matrix.device).pack(matrix) if self.packed else matrix
+
+    def _stored_norm(self, dim: int, stored: torch.Tensor) -> float:
+        return self.triangles(dim, stored.device).frobenius(stored) if self.packed else _frobenius(stored)
+
+    def _plus_diagonal(self, dim: int, stored: torch.Tensor, value: float) -> torch.Tensor:
+        if self.packed:
+            return self.triangles(dim, stored.device).add_to_diagonal(stored, value)
+        stored.diagonal().add_(value)
+        return stored
+
+    def _full(self, dim: int, stored: torch.Tensor) -> torch.Tensor:
+        return self.triangles(dim, stored.device).unpack(stored) if self.packed else stored
+
     def is_subspace_group(self, group: str) -> bool:
         return self.layers[self.group_members[group][0]].plan.subspace
 
@@ -130,7 +149,7 @@ class StageStatistics:
         g = self.groups[group]
         own32 = own.to(self.device, torch.float32)
         xt32 = own32 if merged is None else merged.to(self.device, torch.float32)
-        g.gram = self._add(g.gram, self.triangles(g.dim, self.device).pack(xt32.T @ xt32))
+        g.gram = self._add(g.gram, self._store(g.dim, xt32.T @ xt32))
         if merged is not None:
             if self.exact_cross_norm:
                 g.cross = self._add(g.cross, own32.T @ xt32)
@@ -183,8 +202,8 @@ class StageStatistics:
                 gram, gram_norm = None, _frobenius(g.probe_gram) / n / root_k
                 cross_norm = gram_norm if g.probe_cross is None else _frobenius(g.probe_cross) / n / root_k
             else:
-                gram = g.gram.div_(n)                               # packed upper triangle
-                gram_norm = self.triangles(g.dim, self.device).frobenius(gram)
+                gram = g.gram.div_(n)
+                gram_norm = self._stored_norm(g.dim, gram)
                 if g.cross is not None:
                     cross_norm = _frobenius(g.cross) / n
                 elif g.probe_cross is not None:
@@ -229,7 +248,7 @@ class StageStatistics:
                 rows = (delta.up.to(self.device) @ coords) @ (cross + a * cross_norm * eye)
                 layer.rhs = self._add(layer.rhs, rows * (delta.scale * lam), systems)
         else:
-            update = self.triangles(plan.info.input_dim, self.device).add_to_diagonal(gram * lam, lam * a * gram_norm)
+            update = self._plus_diagonal(plan.info.input_dim, gram * lam, lam * a * gram_norm)
             layer.system = self._add(layer.system, update, systems)
             if delta is not None:
                 numerator = (layer.numerator / tokens).to(systems)
@@ -256,7 +275,7 @@ class StageStatistics:
             if plan.subspace:
                 merged[name] = solve_subspace(layer.system, layer.rhs, plan.basis, name)
             else:
-                system = self.triangles(plan.info.input_dim, self.system_device).unpack(layer.system)
+                system = self._full(plan.info.input_dim, layer.system)
                 merged[name] = solve_full(system, layer.terms, self.regularization, name)
             layer.system = layer.rhs = None
             layer.terms = []

@@ -183,8 +183,8 @@ class IterisLoop:
         return StageStatistics(plans, regularization=self.settings.regularization,
                                adaptive=self.settings.uses_adaptive_weights, device=self.placement.scratch,
                                system_device=self.placement.systems,
-                               exact_cross_norm=self.placement.exact_cross_norm, weights=weights,
-                               seed=self.sampling.seed)
+                               exact_cross_norm=self.placement.exact_cross_norm,
+                               packed=self.placement.packed, weights=weights, seed=self.sampling.seed)
 
     def _iterate(self, stage: str, layers: list[str], roots: list[torch.nn.Module],
                  single_pass: Callable[[int, HookSession, HookState], None],

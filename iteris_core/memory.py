@@ -9,8 +9,10 @@ own parameter bytes. Activations are an analytical estimate of one paired batch'
 
 Placements, tried in order until one fits the free memory of the device:
 1. everything next to the activations, cross norms exact;
-2. the per-layer systems in host memory (they are touched once per concept), the rest on the device;
-3. as 2, with the cross norms estimated by random probes instead of a second scratch sum.
+2. the same with symmetric sums and systems packed as upper triangles (exact, half the memory,
+   some time spent packing);
+3. packed, with the per-layer systems in host memory (they are touched once per concept);
+4. as 3, with the cross norms estimated by random probes instead of a second scratch sum.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ class Placement:
     scratch: str             # scratch sums: with the activations
     systems: str             # per-layer systems
     exact_cross_norm: bool   # False: ||X Xt^T||_F from random probes (no second scratch sum)
+    packed: bool = False     # symmetric sums and systems kept as upper triangles (half the memory)
 
 
 @dataclass(frozen=True)
 class StageBytes:
-    systems: int   # per-layer d x d systems (full mode) or R' x R' (row space)
-    scratch: int   # one d x d per distinct input
+    systems: int   # per-layer d x d systems, packed (full mode) or R' x R' (row space)
+    scratch: int   # one packed d x d per distinct input
     cross: int     # a second d x d per distinct input, for exact cross norms (iterations >= 1)
     probes: int    # d x k probe sums, when cross norms are probed or in row-space mode
     small: int     # per-concept r x d products, factors
@@ -143,8 +146,10 @@ def _plan(device: torch.device, placement: Placement, stages: list[StageBytes], 
         return max((getattr(s, field) for s in stages), default=0)
 
     cross = largest("cross") if placement.exact_cross_norm else largest("probes")
-    return MemoryPlan(str(device), placement, model_bytes / GB, activation_bytes / GB, largest("systems") / GB,
-                      largest("scratch") / GB, cross / GB, largest("small") / GB)
+    unpack = 1.0 if placement.packed else 2.0   # StageBytes counts symmetric matrices as triangles
+    return MemoryPlan(str(device), placement, model_bytes / GB, activation_bytes / GB,
+                      unpack * largest("systems") / GB, unpack * largest("scratch") / GB, cross / GB,
+                      largest("small") / GB)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -172,10 +177,12 @@ def choose_plan(device: torch.device, stages: list[list[LayerPlan]], iterations:
     per_stage = [stage_bytes(plans, iterations) for plans in stages if plans]
     host = "cpu"
     here = str(device)
-    options = [forced] if forced else [Placement(here, here, True), Placement(here, host, True),
-                                       Placement(here, host, False)]
+    options = [forced] if forced else [Placement(here, here, True), Placement(here, here, True, packed=True),
+                                       Placement(here, host, True, packed=True),
+                                       Placement(here, host, False, packed=True)]
     if device.type == "cpu" and not forced:
-        options = [Placement(host, host, True), Placement(host, host, False)]
+        options = [Placement(host, host, True), Placement(host, host, True, packed=True),
+                   Placement(host, host, False, packed=True)]
     plans = [_plan(device, option, per_stage, model_bytes, activation_bytes) for option in options]
     if free_bytes is None:
         return plans[0]

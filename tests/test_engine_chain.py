@@ -35,11 +35,19 @@ def _dense(lora: NormalizedLora, names):
     return [lora.layers[n].dense() for n in names]
 
 
-def test_streaming_statistics_equal_brute_force_two_iterations():
+@pytest.mark.parametrize("packed", [False, True], ids=["full", "packed"])
+def test_streaming_statistics_equal_brute_force_two_iterations(packed):
+    from iteris_core.api import _prepare
+    from iteris_core.iteris import IterisLoop
+    from iteris_core.memory import Placement
+
     backend = ChainBackend()
     concepts = _concepts(backend)
     a = 1e-3
-    result = _merge(backend, concepts, iterations=1, tolerance=0.0, regularization=a)
+    settings = MergeSettings(iterations=1, tolerance=0.0, regularization=a, sampling=SAMPLING)
+    loop = IterisLoop(backend, [_prepare(c, c.lora) for c in concepts], settings,
+                      placement=Placement("cpu", "cpu", True, packed=packed))
+    _text, unet = loop.run()
 
     names = backend.names
     deltas = [_dense(c.lora, names) for c in concepts]
@@ -56,10 +64,10 @@ def test_streaming_statistics_equal_brute_force_two_iterations():
                                 lams[l], a) for l in range(len(names))]
 
     for l, name in enumerate(names):
-        got = result.lora.layers[name].dense().double()
+        got = unet.merged[name].dense().double()
         assert torch.allclose(got, second[l], rtol=1e-3, atol=1e-4), name
-        assert result.report.layers[name].weights == pytest.approx(lams[l], rel=1e-4)
-    assert result.report.layers[names[-1]].change[0] > 1e-3   # the deep layer really moved
+        assert unet.weights[name].lam == pytest.approx(lams[l], rel=1e-4)
+    assert unet.layer_change[names[-1]][0] > 1e-3   # the deep layer really moved
 
 
 def test_converges_within_depth_minus_one_iterations():
@@ -109,7 +117,8 @@ def test_one_lora_is_reproduced():
     concept = _concepts(backend)[:1]
     result = _merge(backend, concept, iterations=2)
     for name, delta in concept[0].lora.layers.items():
-        assert torch.allclose(result.lora.layers[name].dense(), delta.dense(), rtol=1e-3, atol=1e-5)
+        error = (result.lora.layers[name].dense() - delta.dense()).norm() / delta.dense().norm()
+        assert error < 1e-3, (name, float(error))
 
 
 def test_probed_cross_norms_change_the_merge_only_at_ridge_level():

@@ -45,13 +45,20 @@ def test_sd15_unet_statistics_are_counted_exactly(full_tables):
 def test_placements_are_tried_in_order(full_tables):
     stages = _stages(full_tables["sd1"])
     cuda = torch.device("cuda")
+
+    def fitting(previous):   # free memory just below what the previous placement needs
+        return int((previous.device_gb - 0.05) * GB / 0.9)
+
     everything = choose_plan(cuda, stages, 3, 2 * GB, GB, free_bytes=None)
     assert everything.placement == Placement("cuda", "cuda", True)
-    host_systems = choose_plan(cuda, stages, 3, 2 * GB, GB, free_bytes=int((everything.device_gb - 0.5) * GB / 0.9))
-    assert host_systems.placement == Placement("cuda", "cpu", True) and host_systems.host_gb > 0
-    probed = choose_plan(cuda, stages, 3, 2 * GB, GB, free_bytes=int((host_systems.device_gb - 0.2) * GB / 0.9))
-    assert probed.placement == Placement("cuda", "cpu", False)
-    assert probed.device_gb < host_systems.device_gb < everything.device_gb
+    packed = choose_plan(cuda, stages, 3, 2 * GB, GB, free_bytes=fitting(everything))
+    assert packed.placement == Placement("cuda", "cuda", True, packed=True)
+    assert packed.systems_gb == pytest.approx(everything.systems_gb / 2, rel=0.01)
+    host_systems = choose_plan(cuda, stages, 3, 2 * GB, GB, free_bytes=fitting(packed))
+    assert host_systems.placement == Placement("cuda", "cpu", True, packed=True) and host_systems.host_gb > 0
+    probed = choose_plan(cuda, stages, 3, 2 * GB, GB, free_bytes=fitting(host_systems))
+    assert probed.placement == Placement("cuda", "cpu", False, packed=True)
+    assert probed.device_gb < host_systems.device_gb < packed.device_gb < everything.device_gb
 
 
 def _full_size_plan(table, params: int, side: int, channels: int, free_gb: float):
