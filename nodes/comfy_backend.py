@@ -23,7 +23,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..iteris_core.backends.base import LatentSample, StepCallback, TextBatch
+from ..iteris_core.backends.base import LatentSample, ModuleTableMixin, StepCallback, TextBatch
 from ..iteris_core.errors import IterisError
 from ..iteris_core.layers import TEXT_ENCODER, TEXT_ENCODER_2, UNET, LayerTable
 from ..iteris_core.settings import SamplingSettings
@@ -44,7 +44,7 @@ def _unsupported(what: str) -> IterisError:
                        "load one of those with a checkpoint loader")
 
 
-class ComfyBackend:
+class ComfyBackend(ModuleTableMixin):
     """A ComfyUI ModelPatcher (UNet) and CLIP as a :class:`~iteris_core.backends.base.ModelBackend`."""
 
     def __init__(self, model, clip):
@@ -87,20 +87,11 @@ class ComfyBackend:
                     modules[f"{component}.{name}"] = module
         return modules
 
-    # -- ModelBackend ----------------------------------------------------------------------------
-    def layer_table(self) -> LayerTable:
-        return self._table
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {n: self._modules[n] for n in self._table.layers}
-
+    # -- ModelBackend (table, modules and base weights come from ModuleTableMixin) ----------------
     def roots(self, component: str) -> list[torch.nn.Module]:
         if component == UNET:
             return [self.model.model.diffusion_model]
         return [getattr(self.clip.cond_stage_model, a) for a, _k, c in self.encoders if c == component]
-
-    def base_weight(self, name: str) -> torch.Tensor:
-        return self._modules[name].weight.detach().float().cpu()
 
     def weights_bytes(self, component: str) -> int:
         if component == UNET:

@@ -90,3 +90,20 @@ class ModelBackend(Protocol):
 
     def weights_bytes(self, component: str) -> int:
         """Bytes of the component's weights on the device (for the memory plan)."""
+
+
+class ModuleTableMixin:
+    """The table-and-modules half of :class:`ModelBackend` for backends that keep their target
+    modules in ``self._modules`` (canonical name -> module) and their table in ``self._table``."""
+
+    _modules: dict[str, torch.nn.Module]
+    _table: LayerTable
+
+    def layer_table(self) -> LayerTable:
+        return self._table
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {n: self._modules[n] for n in self._table.layers}
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        return self._modules[name].weight.detach().float().cpu()

@@ -17,7 +17,7 @@ import torch
 from ..errors import IterisError
 from ..layers import TEXT_ENCODER, TEXT_ENCODER_2, UNET, LayerTable
 from ..settings import SamplingSettings
-from .base import LatentSample, StepCallback, TextBatch
+from .base import LatentSample, ModuleTableMixin, StepCallback, TextBatch
 
 _ARCHITECTURE_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
@@ -27,7 +27,7 @@ def _text_path(name: str) -> str:
     return name if name.startswith("text_model.") or name == "text_projection" else "text_model." + name
 
 
-class DiffusersBackend:
+class DiffusersBackend(ModuleTableMixin):
     """A diffusers Stable Diffusion pipeline as a :class:`~iteris_core.backends.base.ModelBackend`."""
 
     def __init__(self, pipe, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
@@ -81,19 +81,10 @@ class DiffusersBackend:
                             for n, m in self.text_encoder_2.named_modules() if n})
         return modules
 
-    # -- ModelBackend ----------------------------------------------------------------------------
-    def layer_table(self) -> LayerTable:
-        return self._table
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {n: self._modules[n] for n in self._table.layers}
-
+    # -- ModelBackend (table, modules and base weights come from ModuleTableMixin) ----------------
     def roots(self, component: str) -> list[torch.nn.Module]:
         return {UNET: [self.unet], TEXT_ENCODER: [self.text_encoder],
                 TEXT_ENCODER_2: [self.text_encoder_2] if self.text_encoder_2 is not None else []}[component]
-
-    def base_weight(self, name: str) -> torch.Tensor:
-        return self._modules[name].weight.detach().float().cpu()
 
     def weights_bytes(self, component: str) -> int:
         module = {UNET: self.unet, TEXT_ENCODER: self.text_encoder, TEXT_ENCODER_2: self.text_encoder_2}[component]
