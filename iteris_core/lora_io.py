@@ -47,14 +47,24 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A plausible header: its 8-byte length fits the file and the JSON header starts right after."""
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return header_len + 8 <= size and head[8:9] == b"{"
+
+
 def _diagnose_non_safetensors(path: Path, head: bytes, size: int) -> str | None:
     """Name what a file that is not safetensors really is, from its first bytes."""
     if size < 8:
         return f"the file is {size} bytes long, too short to hold any tensor (an empty or failed upload)"
+    if _looks_like_safetensors(head, size):
+        return None  # e.g. a header length whose low byte is 0x80 is not a pickle's opcode
     if head.startswith(b"version https://git-lfs"):
         return ("this is a Git LFS pointer, not the weights: fetch the real file with `git lfs pull` "
                 "or download it again")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return ("this is a pickled PyTorch checkpoint; pickles can run code when loaded, so they are "
                 "refused. Convert it to .safetensors first (e.g. safetensors.torch.save_file on the "
                 "state dict in a trusted environment)")

@@ -125,3 +125,16 @@ def test_unique_path(tmp_path):
     assert unique_path(first) == first
     first.write_bytes(b"x")
     assert unique_path(first).name == "m_00001.safetensors"
+
+
+def test_a_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A safetensors file begins with its header length: a low byte of 0x80 (about 1 file in 256)
+    must not look like a pickle's PROTO opcode."""
+    for pad in range(300):
+        path = tmp_path / f"h{pad}.safetensors"
+        save_file({"a.lora_up.weight": torch.ones(4, 2), "a.lora_down.weight": torch.ones(2, 3)}, str(path),
+                  metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            assert set(read_lora_file(path).tensors) == {"a.lora_up.weight", "a.lora_down.weight"}
+            return
+    pytest.fail("no header length with a 0x80 low byte was produced")
