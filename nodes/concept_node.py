@@ -39,11 +39,13 @@ class IterisLoraConcept(io.ComfyNode):
                 io.Float.Input("strength_clip", default=1.0, min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1], step=0.01,
                                tooltip="Strength on the text encoder (CLIP), as in LoraLoader."),
                 io.String.Input("prompts", multiline=True, default="",
+                                placeholder="prompts that show this LoRA's concept, one per line",
                                 tooltip="Prompts that show this LoRA's concept, one per line (use its trigger "
                                         "words). The merge samples these with the LoRA alone and keeps that "
                                         "behaviour. 2-5 varied prompts are plenty; lines starting with # are "
                                         "ignored; emphasis weights like (word:1.2) are not applied."),
                 io.String.Input("negative_prompt", multiline=True, default="", optional=True,
+                                placeholder="negative prompt for those samples (optional)",
                                 tooltip="Negative prompt for those samples (the merged model will see it too)."),
                 Concepts.Input("previous", optional=True,
                                tooltip="Concepts from other LoRA Concept nodes: this one is added to them."),

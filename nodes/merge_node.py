@@ -68,6 +68,7 @@ class IterisMergeLoras(io.ComfyNode):
                 io.Model.Input("model", tooltip="The base model the LoRAs were trained for (SD1.x, SD2.x or SDXL)."),
                 io.Clip.Input("clip", tooltip="Its CLIP text encoder."),
                 Concepts.Input("concepts", tooltip="The LoRAs to merge, from LoRA Concept (IterIS) nodes."),
+                # merge settings first: changing only these reuses the concepts' samples
                 io.Combo.Input("method", options=[m.value for m in Method], default=Method.ITERIS.value,
                                tooltip="iteris: the paper's method. regmean: one solve, no iteration. linear: "
                                        "average of the LoRAs. concat: their sum (what chained LoraLoaders do). "
@@ -78,23 +79,30 @@ class IterisMergeLoras(io.ComfyNode):
                                round=1e-7, tooltip="The paper's alpha: a small ridge that keeps the solve stable "
                                                    "with few samples. 1e-4 works; raise it if a layer is reported "
                                                    "singular."),
-                _int("samples_per_prompt", "Images (seeds) sampled per concept prompt to collect layer inputs."),
-                _int("timesteps", "Points kept along each sampled trajectory; the statistics come from these."),
-                _int("steps", "Euler steps used to sample each concept's own trajectories."),
-                io.Float.Input("cfg", default=RANGES["cfg"][0], min=1.0, max=30.0, step=0.1,
-                               tooltip="Guidance of those trajectories (as in KSampler)."),
-                _int("seed", "First seed of the sampled trajectories."),
                 _int("rank", "Rank of the merged LoRA. 0 keeps it exact (the sum of the input ranks); a lower "
                              "value truncates each layer and reports the error."),
-                _int("width", "Width of the sampled images in pixels; 0 = the model's native size.", step=8),
-                _int("height", "Height of the sampled images in pixels; 0 = the model's native size.", step=8),
-                _int("batch_size", "Samples per forward pass (each runs twice, for the LoRA and for the merge). "
-                                   "Lower it if memory runs out."),
                 io.Boolean.Input("merge_text_encoder", default=True,
                                  tooltip="Also merge the LoRAs' text-encoder layers (off: the merged LoRA has "
                                          "UNet layers only)."),
                 _int("max_tokens", "Spatial tokens per sample used for the statistics; 0 = all. A few hundred "
                                    "is faster at high resolution."),
+                # how each concept's own images are sampled (changing these samples again)
+                _int("samples_per_prompt", "Images (seeds) sampled per concept prompt to collect layer inputs.",
+                     display_name="samples per prompt"),
+                _int("timesteps", "Points kept along each sampled trajectory; the statistics come from these.",
+                     display_name="kept timesteps"),
+                _int("steps", "Euler steps used to sample each concept's own trajectories.",
+                     display_name="sample steps"),
+                io.Float.Input("cfg", default=RANGES["cfg"][0], min=1.0, max=30.0, step=0.1,
+                               display_name="sample cfg", tooltip="Guidance of those trajectories (as in KSampler)."),
+                _int("seed", "First seed of the sampled trajectories (fixed: a new seed would sample again).",
+                     display_name="sample seed", control_after_generate=False),
+                _int("width", "Width of the sampled images in pixels; 0 = the model's native size.", step=8,
+                     display_name="sample width"),
+                _int("height", "Height of the sampled images in pixels; 0 = the model's native size.", step=8,
+                     display_name="sample height"),
+                _int("batch_size", "Samples per forward pass (each runs twice, for the LoRA and for the merge). "
+                                   "Lower it if memory runs out.", display_name="sample batch size"),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the merged LoRA applied."),
@@ -107,8 +115,8 @@ class IterisMergeLoras(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, iterations, regularization, samples_per_prompt, timesteps, steps, cfg, seed, rank,
-                        width, height, batch_size, max_tokens) -> bool | str:
+    def validate_inputs(cls, iterations, regularization, rank, max_tokens, samples_per_prompt, timesteps, steps, cfg,
+                        seed, width, height, batch_size) -> bool | str:
         values = dict(iterations=iterations, regularization=regularization, samples_per_prompt=samples_per_prompt,
                       timesteps=timesteps, steps=steps, cfg=cfg, seed=seed, rank=rank, width=width, height=height,
                       batch_size=batch_size, max_tokens=max_tokens)
@@ -124,8 +132,8 @@ class IterisMergeLoras(io.ComfyNode):
         return True
 
     @staticmethod
-    def settings(method, iterations, regularization, samples_per_prompt, timesteps, steps, cfg, seed, rank, width,
-                 height, batch_size, merge_text_encoder, max_tokens) -> MergeSettings:
+    def settings(method, iterations, regularization, rank, merge_text_encoder, max_tokens, samples_per_prompt,
+                 timesteps, steps, cfg, seed, width, height, batch_size) -> MergeSettings:
         sampling = SamplingSettings(samples_per_prompt=samples_per_prompt, timesteps=timesteps, steps=steps,
                                     guidance=cfg, width=width or None, height=height or None, seed=seed,
                                     batch_size=batch_size)
@@ -134,12 +142,12 @@ class IterisMergeLoras(io.ComfyNode):
                              sampling=sampling)
 
     @classmethod
-    def execute(cls, model, clip, concepts, method, iterations, regularization, samples_per_prompt, timesteps,
-                steps, cfg, seed, rank, width, height, batch_size, merge_text_encoder, max_tokens) -> io.NodeOutput:
+    def execute(cls, model, clip, concepts, method, iterations, regularization, rank, merge_text_encoder, max_tokens,
+                samples_per_prompt, timesteps, steps, cfg, seed, width, height, batch_size) -> io.NodeOutput:
         if not concepts:
             raise SettingsError("connect at least one LoRA Concept (IterIS) node to 'concepts'")
-        settings = cls.settings(method, iterations, regularization, samples_per_prompt, timesteps, steps, cfg, seed,
-                                rank, width, height, batch_size, merge_text_encoder, max_tokens)
+        settings = cls.settings(method, iterations, regularization, rank, merge_text_encoder, max_tokens,
+                                samples_per_prompt, timesteps, steps, cfg, seed, width, height, batch_size)
         base_key = fingerprint(model, clip)
         key = (base_key, tuple(c.key() for c in concepts), settings)
         cached = cache.MERGES.get(key)
