@@ -4,9 +4,10 @@ Concepts are taken one after another. During concept ``i``'s pass the hooks feed
 (rows are tokens) here; nothing of the activations is kept beyond fp32 sums:
 
 * per distinct layer input (a *group*: q/k/v share one, all cross-attention k/v share the text
-  context): scratch sums ``Xt^T Xt`` and, from iteration 1, ``X^T Xt`` (d x d; or, when memory
-  is short, only ``X^T (Xt G)`` with a thin random ``G``, which gives ``||X Xt^T||_F`` by the
-  probe identity), the token count and the input energy; emptied after every concept;
+  context): scratch sums ``Xt^T Xt`` and, from iteration 1, either ``X^T Xt`` (d x d) or only
+  ``X^T (Xt G)`` and ``Xt^T (Xt G)`` with a thin random ``G``, whose norms' ratio estimates
+  ``||X Xt^T|| / ||Xt Xt^T||`` (exactly 1 when the inputs agree), the token count and the input
+  energy; emptied after every concept;
 * per layer: the system ``M = sum_i lam_i (K_i + a ||K_i|| I)`` (d x d, one per layer whatever
   the number of concepts) and, per concept, the small ``(A_i X_i)^T``-by-``Xt_i`` product (r_i x d).
   The systems are touched once per concept, so they may live in host memory while the scratch
@@ -120,8 +121,9 @@ class StageStatistics:
         return self._probes[dim]
 
     def _add(self, current: torch.Tensor | None, update: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """``current + update``, in place; takes ownership of ``update`` (always a fresh product)."""
         update = update.to(device or self.device, torch.float32)
-        return update.clone() if current is None else current.add_(update)
+        return update if current is None else current.add_(update)
 
     # symmetric storage: a full matrix, or its packed upper triangle --------------------------
     def _store(self, dim: int, matrix: torch.Tensor) -> torch.Tensor:
@@ -154,7 +156,10 @@ class StageStatistics:
             if self.exact_cross_norm:
                 g.cross = self._add(g.cross, own32.T @ xt32)
             else:
-                g.probe_cross = self._add(g.probe_cross, own32.T @ (xt32 @ self.probe(g.dim).to(self.device)))
+                # the same probes on X Xt^T and on Xt Xt^T: their norms' ratio is exactly 1 when X = Xt
+                probed = xt32 @ self.probe(g.dim).to(self.device)
+                g.probe_cross = self._add(g.probe_cross, own32.T @ probed)
+                g.probe_gram = self._add(g.probe_gram, xt32.T @ probed)
         g.energy += float(own32.pow(2).sum())
         g.tokens += own.shape[0]
 
@@ -206,8 +211,8 @@ class StageStatistics:
                 gram_norm = self._stored_norm(g.dim, gram)
                 if g.cross is not None:
                     cross_norm = _frobenius(g.cross) / n
-                elif g.probe_cross is not None:
-                    cross_norm = _frobenius(g.probe_cross) / n / PROBES ** 0.5
+                elif g.probe_cross is not None:   # exact ||K|| times the probed ratio ||C|| / ||K||
+                    cross_norm = gram_norm * _frobenius(g.probe_cross) / max(_frobenius(g.probe_gram), 1e-30)
                 else:
                     cross_norm = gram_norm
             for name in members:

@@ -186,23 +186,29 @@ class HookSession:
                 return None
             x = args[0]
             ops = self.ops[name]
+            # the module's fresh output may be changed in place, except when autograd needs it
+            in_place = not torch.is_grad_enabled()
             if not state.paired:
                 own_proj, own_out = self._side(name, state.first.get(name), x)
                 if state.stats is not None:
                     self._collect(name, x, None, own_proj, own_out, None, state.stats)
-                return output if own_out is None else output + ops.to_output(own_out, output)
+                if own_out is None:
+                    return output
+                side = ops.to_output(own_out, output)
+                return output.add_(side) if in_place else output + side
             half = x.shape[0] // 2
             x1, x2 = x[:half], x[half:]
             own_proj, own_out = self._side(name, state.first.get(name), x1)
             merged_proj, merged_out = self._side(name, state.second.get(name), x2)
             if state.stats is not None:
                 self._collect(name, x1, x2, own_proj, own_out, merged_out, state.stats)
-            out1, out2 = output[:half], output[half:]
+            if not in_place:
+                output = output.clone()
             if own_out is not None:
-                out1 = out1 + ops.to_output(own_out, out1)
+                output[:half] += ops.to_output(own_out, output[:half])
             if merged_out is not None:
-                out2 = out2 + ops.to_output(merged_out, out2)
-            return torch.cat([out1, out2])
+                output[half:] += ops.to_output(merged_out, output[half:])
+            return output
         return hook
 
     # -- statistics ------------------------------------------------------------------------------

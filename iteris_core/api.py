@@ -136,7 +136,7 @@ def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSetting
                                       backend.dtype, backend.device.type)
     stages = loop.stage_plans()
     plan = choose_plan(backend.device, stages, settings.effective_iterations, model_bytes, activations,
-                       available_bytes(backend.device), forced)
+                       available_bytes(backend.device), forced, exact_cross_norm=settings.exact_cross_norm)
     return plan, {p.name for stage in stages for p in stage if p.subspace}
 
 
@@ -186,7 +186,7 @@ def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], se
         keys = [_sample_key(c, lora) for c, lora in zip(concepts, loras)] if sample_cache is not None else None
         loop = IterisLoop(backend, prepared, settings, log=log, on_progress=on_progress, should_stop=should_stop,
                           sample_cache=sample_cache, sample_keys=keys)
-        forced = Placement(statistics_device, statistics_device, True) if statistics_device else None
+        forced = Placement(statistics_device, statistics_device, settings.exact_cross_norm) if statistics_device else None
         plan, subspace_layers = _memory_plan(backend, loop, settings, forced)
         loop.placement = plan.placement
         log(plan.describe())

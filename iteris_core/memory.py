@@ -17,6 +17,7 @@ Placements, tried in order until one fits the free memory of the device:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass
 
@@ -171,9 +172,10 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def choose_plan(device: torch.device, stages: list[list[LayerPlan]], iterations: int, model_bytes: int,
-                activation_bytes: int, free_bytes: int | None = None, forced: Placement | None = None) -> MemoryPlan:
+                activation_bytes: int, free_bytes: int | None = None, forced: Placement | None = None,
+                exact_cross_norm: bool = True) -> MemoryPlan:
     """The first placement whose device memory fits ``free_bytes`` (the last one if none does;
-    the caller then warns)."""
+    the caller then warns). Without ``exact_cross_norm``, every placement probes the cross norms."""
     per_stage = [stage_bytes(plans, iterations) for plans in stages if plans]
     host = "cpu"
     here = str(device)
@@ -183,6 +185,8 @@ def choose_plan(device: torch.device, stages: list[list[LayerPlan]], iterations:
     if device.type == "cpu" and not forced:
         options = [Placement(host, host, True), Placement(host, host, True, packed=True),
                    Placement(host, host, False, packed=True)]
+    if not exact_cross_norm and not forced:
+        options = list(dict.fromkeys(dataclasses.replace(o, exact_cross_norm=False) for o in options))
     plans = [_plan(device, option, per_stage, model_bytes, activation_bytes) for option in options]
     if free_bytes is None:
         return plans[0]

@@ -91,6 +91,10 @@ class MergeSettings:
     ties_density: float = 0.2     # TIES: fraction of each delta's entries kept
     max_full_dim: int = 5120      # layers with a wider input are solved in the LoRAs' row space
     max_tokens_per_sample: int | None = None  # spatial token sub-sampling for the statistics
+    # The ridge on the cross term scales with ||X Xt^T||_F. Exact: one more d x d sum per layer input
+    # in every paired pass; otherwise an unbiased estimate from 32 random probes (much cheaper; the
+    # ridge is 1e-4 of the Gram's scale, so the merge moves by ~1e-4 relative).
+    exact_cross_norm: bool = False
     merge_text_encoder: bool = True
     merge_unet: bool = True
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
