@@ -37,7 +37,7 @@ _nodes: ModuleType | None = None
 _base_directory: str | None = None
 
 
-def import_comfy(base_directory: str | os.PathLike[str] | None = None) -> ModuleType:
+def import_comfy(base_directory: str | os.PathLike[str] | None = None, **flags) -> ModuleType:
     """Import ComfyUI in-process and register its built-in nodes; return the ``nodes`` module.
 
     Idempotent: later calls return the same module at once. Call it from synchronous code (it runs
@@ -67,6 +67,8 @@ def import_comfy(base_directory: str | os.PathLike[str] | None = None) -> Module
     from comfy.cli_args import args  # in-process, comfy parses no command line: defaults only
 
     args.cpu = True
+    for flag, value in flags.items():   # command-line flags, e.g. use_pytorch_cross_attention=True
+        setattr(args, flag, value)
     if wanted is not None:
         args.base_directory = wanted
     import comfy.model_management  # noqa: F401  (reads args.cpu)

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import itertools
+import json
 import random
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import CACHE, RESULTS, machine, markdown_table, save_results
-from bench.world import CONCEPTS, colour_presence, concept_images, to_uint8, world_sample
+from bench.world import CONCEPTS, any_colour_sample, colour_presence, concept_images, to_uint8, world_sample
 
 METHODS = ("linear", "concat", "ties", "regmean", "iteris", "iteris_subsampled")
 EVAL_STEPS = (100, 300, 500, 700, 900)
@@ -118,7 +119,8 @@ def train_concept_lora(pipe, concept, latents: torch.Tensor, steps: int, seed: i
 
     unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
     unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+                                                "proj_in", "proj_out"]))
     text_encoder.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
                                         target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
     trainable = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
@@ -223,9 +225,9 @@ def evaluate_group(backend, vae, group: list[int], loras: list, held_out: dict, 
             mine = noise_predictions(backend, merged, held_out[i], f"a picture of {concept.token}", 7)
             fidelity.append(1 - float((mine - own_eps[i]).pow(2).mean() / (base_eps[i] - own_eps[i]).pow(2).mean()))
             images = generate(backend, vae, merged, f"a photo of {concept.token}", seeds)
-            reference = float(np.mean([colour_presence(t, concept.colour) for t in targets[i]]))
-            presence_own.append(float(np.mean([colour_presence(im, concept.colour) for im in images])) / reference)
-            presence_joint.append(float(np.mean([colour_presence(im, concept.colour) for im in joint_images])) / reference)
+            reference = float(np.mean([colour_presence(t, concept) for t in targets[i]]))
+            presence_own.append(float(np.mean([colour_presence(im, concept) for im in images])) / reference)
+            presence_joint.append(float(np.mean([colour_presence(im, concept) for im in joint_images])) / reference)
             for j in group:                     # prompts of another concept: does concept i leak in?
                 if j == i:
                     continue
@@ -256,7 +258,7 @@ def save_grid(figure: dict, path: Path) -> None:
     columns = list(dict.fromkeys(c for row in figure.values() for c in row))
     names = ["single LoRA", *METHODS, "base"]
     names = [n for n in names if n in figure]
-    cell, label = 64 * 2, 130
+    cell, label = 96, 130
     canvas = Image.new("RGB", (label + cell * len(columns), 24 + cell * len(names)), "white")
     draw = ImageDraw.Draw(canvas)
     for c, column in enumerate(columns):
@@ -282,6 +284,30 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def trained_base(spec, steps: dict, seed: int, folder: Path):
+    """The small text-to-image base model trained on the synthetic world (VAE first, then UNet and
+    text encoder), loaded from ``folder`` when an earlier run with the same seed and steps saved it."""
+    from diffusers import StableDiffusionPipeline
+
+    from iteris_core.backends.tiny import build_tiny_pipeline
+
+    if (folder / "model_index.json").is_file():
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+        return pipe, json.loads((folder / "losses.json").read_text())
+    rng = random.Random(seed)
+    world = [world_sample(rng) for _ in range(3000)]
+    # the VAE also sees shapes in arbitrary colours: the concepts' colours are new to the UNet only
+    vae_images = to_tensor([image for image, _ in world] + [any_colour_sample(rng) for _ in range(1500)])
+    pipe = build_tiny_pipeline(spec, seed=seed)
+    train_vae(pipe.vae, vae_images, steps["vae"], seed)
+    latents = encode(pipe.vae, to_tensor([image for image, _ in world]))
+    losses = pretrain(pipe, latents, [caption for _, caption in world], steps["base"], seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(folder))
+    (folder / "losses.json").write_text(json.dumps(losses))
+    return pipe, losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer training steps, pairs only")
@@ -290,24 +316,23 @@ def main() -> None:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     from iteris_core.backends.diffusers_backend import DiffusersBackend
-    from iteris_core.backends.tiny import TinySpec, build_tiny_pipeline
+    from iteris_core.backends.tiny import TinySpec
     from iteris_core.lora_normalize import load_lora
 
-    steps = {"vae": 150, "base": 400, "lora": 80} if args.quick else {"vae": 800, "base": 3000, "lora": 400}
-    rng = random.Random(args.seed)
-    world = [world_sample(rng) for _ in range(600 if args.quick else 3000)]
-    pipe = build_tiny_pipeline(TinySpec(channels=(32, 64), layers_per_block=1, text_width=64, sample_size=8), seed=args.seed)
-    images = to_tensor([image for image, _ in world])
-    train_vae(pipe.vae, images, steps["vae"], args.seed)
-    latents = encode(pipe.vae, images)
-    losses = pretrain(pipe, latents, [caption for _, caption in world], steps["base"], args.seed)
-    folder = CACHE / f"quality_loras_seed{args.seed}{'_quick' if args.quick else ''}"
+    steps = {"vae": 300, "base": 600, "lora": 150} if args.quick else {"vae": 1500, "base": 3000, "lora": 600}
+    spec = TinySpec(channels=(32, 64), layers_per_block=1, text_width=64, sample_size=8, vae_channels=(16, 32, 32))
+    tag = f"seed{args.seed}_" + "_".join(f"{k}{v}" for k, v in steps.items())
+    pipe, losses = trained_base(spec, steps, args.seed, CACHE / f"quality_base_{tag}")
+    folder = CACHE / f"quality_loras_{tag}"
     targets, held_out, lora_files = {}, {}, []
     for index, concept in enumerate(CONCEPTS):
         targets[index] = concept_images(concept, 6, seed=1000 + index)
         held_out[index] = encode(pipe.vae, to_tensor(concept_images(concept, 4, seed=5000 + index)))
-        lora_files.append(train_concept_lora(pipe, concept, encode(pipe.vae, to_tensor(targets[index])), steps["lora"],
-                                             args.seed + index, folder))
+        path = folder / concept.token / "pytorch_lora_weights.safetensors"
+        if not path.is_file():     # trained once per seed and step counts; reruns reuse the files
+            train_concept_lora(pipe, concept, encode(pipe.vae, to_tensor(targets[index])), steps["lora"],
+                               args.seed + index, folder)
+        lora_files.append(path)
     trained_seconds = time.perf_counter() - started
     backend = DiffusersBackend(pipe, device="cpu", dtype=torch.float32)
     loras = [load_lora(path, backend.layer_table()) for path in lora_files]

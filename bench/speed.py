@@ -104,13 +104,20 @@ def forward_floor(backend, concepts, settings, text_passes: int, unet_passes: in
 
 
 def run_engine(path: Path, loras: list[Path], prompts: list[list[str]], settings, device: str) -> dict:
-    from iteris_core import Concept, merge_loras
-    from iteris_core.api import _prepare, load_concept_lora
+    """Load the checkpoint with the diffusers backend and measure a merge on it."""
     from iteris_core.backends.diffusers_backend import DiffusersBackend
 
     start = time.perf_counter()
     backend = DiffusersBackend.from_pretrained(path, device=device)
     load_s = time.perf_counter() - start
+    return {"load_s": load_s, **measure_merge(backend, loras, prompts, settings)}
+
+
+def measure_merge(backend, loras: list, prompts: list[list[str]], settings) -> dict:
+    """One merge on ``backend``, split into phases, then the same model calls made bare (the floor)."""
+    from iteris_core import Concept, merge_loras
+    from iteris_core.api import _prepare, load_concept_lora
+
     concepts = [Concept(lora, p, negative_prompt="blurry") for lora, p in zip(loras, prompts)]
     baseline = rss_gb()
     reset_peak_rss()
@@ -129,17 +136,22 @@ def run_engine(path: Path, loras: list[Path], prompts: list[list[str]], settings
     text_passes = sum(1 for r in records if r.stage == "text")
     unet_passes = sum(1 for r in records if r.stage == "unet") - 1
     floor = forward_floor(backend, prepared, settings, text_passes, unet_passes)
-    return {"load_s": load_s, "total_s": total, **phases, "forward_floor_s": floor["total"],
+    return {"total_s": total, **phases, "forward_floor_s": floor["total"],
+            "text_passes": text_passes, "unet_passes": unet_passes,
             "floor_phases_s": floor, "peak_rss_gb": peak, "rss_before_gb": baseline,
             "plan": result.report.memory, "layers": len(result.lora.layers),
             "objective": [r.objective for r in records if r.stage == "unet" and r.objective is not None],
             "backend": backend, "report": result.report}
 
 
-def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings) -> dict:
-    """The same merge through the ComfyUI node, in-process, on the same checkpoint."""
+def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings, text_passes: int,
+              unet_passes: int, pytorch_attention: bool) -> dict:
+    """The same merge through the ComfyUI node, in-process, on the same checkpoint; and the same
+    bare model calls through ComfyUI's own model (its floor)."""
     import shutil
+    import sys
     import tempfile
+    from types import SimpleNamespace
 
     from bench.comfy import import_comfy
     from comfy_fixtures import load_pack, make_executor, run_prompt
@@ -150,7 +162,7 @@ def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings)
     (state / "models" / "loras").mkdir(parents=True)
     for lora in loras:
         shutil.copy(lora, state / "models" / "loras" / lora.name)
-    nodes = import_comfy(base_directory=state)
+    nodes = import_comfy(base_directory=state, use_pytorch_cross_attention=pytorch_attention)
     load_pack(nodes)
     sampling = settings.sampling
     graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": path.name}}}
@@ -170,7 +182,7 @@ def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings)
             "samples_per_prompt": sampling.samples_per_prompt, "timesteps": sampling.timesteps, "steps": sampling.steps,
             "cfg": sampling.guidance, "seed": sampling.seed, "rank": 0, "width": sampling.width or 0,
             "height": sampling.height or 0, "batch_size": sampling.batch_size, "merge_text_encoder": True,
-            "max_tokens": 0}}, "5": {"class_type": "IterIS_SaveLora", "inputs": {
+            "max_tokens": settings.max_tokens_per_sample or 0}}, "5": {"class_type": "IterIS_SaveLora", "inputs": {
                 "lora": ["4", 2], "filename": f"bench_{method}", "overwrite": True, "precision": "fp16"}}}
 
     executor = make_executor()
@@ -182,7 +194,12 @@ def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings)
     ok, messages, outputs = run_prompt(merge("iteris"), executor)
     total = time.perf_counter() - start
     assert ok, messages
-    return {"node_total_s": total, "node_warmup_s": warm, "node_report": outputs["4"]["text"][0]}
+    model, clip, _vae = [value[0] for value in executor.caches.outputs.get("1").outputs]
+    backend_module = next(m for name, m in sys.modules.items() if name.endswith("nodes.comfy_backend"))
+    concepts = [SimpleNamespace(prompts=p, negative_prompt="blurry") for p in prompts]
+    floor = forward_floor(backend_module.ComfyBackend(model, clip), concepts, settings, text_passes, unet_passes)
+    return {"node_total_s": total, "node_warmup_s": warm, "node_report": outputs["4"]["text"][0],
+            "comfy_floor_s": floor["total"], "comfy_floor_phases_s": floor}
 
 
 def planned_gpu(table, settings, loop_plans, architecture: str) -> dict:
@@ -222,12 +239,17 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=0,
+                        help="spatial tokens per sample for the statistics (0 = all, the default of the engine)")
     parser.add_argument("--no-nodes", action="store_true", help="skip the ComfyUI node run")
+    parser.add_argument("--comfy-sub-quadratic", action="store_true",
+                        help="leave ComfyUI's CPU default (sub-quadratic attention) instead of PyTorch's SDPA")
     args = parser.parse_args()
 
     from iteris_core.settings import MergeSettings, SamplingSettings
 
-    settings = MergeSettings(iterations=args.iterations, tolerance=0.0, sampling=SamplingSettings(
+    settings = MergeSettings(iterations=args.iterations, tolerance=0.0, max_tokens_per_sample=args.max_tokens or None,
+                             sampling=SamplingSettings(
         samples_per_prompt=args.samples, timesteps=args.timesteps, steps=args.steps, guidance=7.5,
         width=args.resolution, height=args.resolution, batch_size=args.batch_size))
     path = checkpoint(args.arch)
@@ -241,7 +263,8 @@ def main() -> None:
     result = {"model": f"{args.arch} (full size, random weights)", "device": args.device, **machine(),
               "n_concepts": args.concepts, "samples": args.samples, "timesteps": args.timesteps,
               "steps": args.steps, "iterations": args.iterations, "resolution": args.resolution,
-              "batch_size": args.batch_size, "rank": args.rank, "layers": engine["layers"],
+              "batch_size": args.batch_size, "rank": args.rank, "max_tokens_per_sample": args.max_tokens or None,
+              "layers": engine["layers"],
               "total_s": engine["total_s"], "forward_floor_s": engine["forward_floor_s"],
               "overhead_ratio": engine["total_s"] / engine["forward_floor_s"],
               "phases_s": {k: engine[k] for k in ("text_s", "sampling_s", "statistics_passes_s", "solve_s")},
@@ -252,21 +275,28 @@ def main() -> None:
               "planned_vram_gb": gpu_plan["device_gb"], "planned_vram_placement": gpu_plan["placement"],
               "planned_vram_budget_gb": BUDGET_GB[args.arch], "objective_per_iteration": engine["objective"]}
     if not args.no_nodes:
-        nodes = run_nodes(path, loras, prompts, settings)
-        result.update(node_total_s=nodes["node_total_s"], node_vs_engine=nodes["node_total_s"] / engine["total_s"])
-    name = f"speed_{args.arch}_{args.device}"
+        nodes = run_nodes(path, loras, prompts, settings, engine["text_passes"], engine["unet_passes"],
+                          pytorch_attention=not args.comfy_sub_quadratic)
+        result.update(node_total_s=nodes["node_total_s"], comfy_floor_s=nodes["comfy_floor_s"],
+                      node_overhead_ratio=nodes["node_total_s"] / nodes["comfy_floor_s"],
+                      node_vs_engine=nodes["node_total_s"] / engine["total_s"],
+                      comfy_attention="sub-quadratic" if args.comfy_sub_quadratic else "pytorch SDPA")
+    name = f"speed_{args.arch}_{args.device}" + (f"_tokens{args.max_tokens}" if args.max_tokens else "")
     rows = [{"what": "merge (engine)", "seconds": result["total_s"]},
             {"what": "bare forward passes (floor)", "seconds": result["forward_floor_s"]},
             {"what": "ratio merge / floor", "seconds": result["overhead_ratio"]}]
     rows += [{"what": f"phase: {k[:-2]}", "seconds": v} for k, v in result["phases_s"].items()]
     if "node_total_s" in result:
         rows += [{"what": "merge through the ComfyUI node", "seconds": result["node_total_s"]},
+                 {"what": "same bare calls through ComfyUI's model (its floor)", "seconds": result["comfy_floor_s"]},
+                 {"what": "ratio node / ComfyUI floor", "seconds": result["node_overhead_ratio"]},
                  {"what": "ratio node / engine", "seconds": result["node_vs_engine"]}]
     markdown = (f"# Speed and memory: {result['model']} on {args.device}\n\n"
                 f"{result['cpu']}, {result['cores']} cores, {result['ram_gb']} GB RAM, torch {result['torch']}, "
                 f"{result['date']}. {args.concepts} concepts, rank {args.rank}, {engine['layers']} layers, "
                 f"{args.samples} sample(s) per prompt, {args.timesteps} timesteps of {args.steps} Euler steps, "
-                f"{args.iterations} iterations, {args.resolution}x{args.resolution}, batch {args.batch_size}.\n\n"
+                f"{args.iterations} iterations, {args.resolution}x{args.resolution}, batch {args.batch_size}, "
+                f"statistics on {args.max_tokens or 'all'} spatial tokens per sample.\n\n"
                 + markdown_table(rows, [("what", "measure"), ("seconds", "seconds (or ratio)")]) +
                 f"\n\nPeak process memory during the merge: {result['peak_rss_gb']:.2f} GB "
                 f"(the engine planned {result['planned_cpu_gb']:.2f} GB; statistics {result['stats_gb']:.2f} GB).\n"

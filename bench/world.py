@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-SIZE = 64
+SIZE = 32
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond")
 WORLD_COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 160, 60), "yellow": (220, 200, 40),
                  "white": (235, 235, 235), "black": (25, 25, 25)}
@@ -64,11 +64,11 @@ def _mask(shape: str, cx: float, cy: float, r: float, angle: float) -> np.ndarra
 def _texture(texture: str, phase: int) -> np.ndarray:
     y, x = np.mgrid[0:SIZE, 0:SIZE]
     if texture == "striped":
-        return ((x + y + phase) // 4 % 2).astype(np.float32)
+        return ((x + y + phase) // 3 % 2).astype(np.float32)
     if texture == "dotted":
-        return (((x + phase) % 6 < 3) & ((y + phase) % 6 < 3)).astype(np.float32)
+        return (((x + phase) % 5 < 3) & ((y + phase) % 5 < 3)).astype(np.float32)
     if texture == "checkered":
-        return (((x + phase) // 5 + (y + phase) // 5) % 2).astype(np.float32)
+        return (((x + phase) // 4 + (y + phase) // 4) % 2).astype(np.float32)
     return np.ones((SIZE, SIZE), dtype=np.float32)
 
 
@@ -77,8 +77,8 @@ def render(shape: str, colour: tuple[int, int, int], texture: str, rng: random.R
     grey = rng.uniform(0.55, 0.8)
     image = np.full((SIZE, SIZE, 3), grey, dtype=np.float32)
     image += np.asarray([rng.uniform(-0.03, 0.03) for _ in range(3)], dtype=np.float32)
-    r = rng.uniform(14, 22)
-    cx, cy = rng.uniform(r + 2, SIZE - r - 2), rng.uniform(r + 2, SIZE - r - 2)
+    r = rng.uniform(0.22, 0.34) * SIZE
+    cx, cy = rng.uniform(r + 1, SIZE - r - 1), rng.uniform(r + 1, SIZE - r - 1)
     mask = _mask(shape, cx, cy, r, rng.uniform(-0.3, 0.3))
     pattern = _texture(texture, rng.randrange(8))
     base = np.asarray(colour, dtype=np.float32) / 255.0
@@ -96,17 +96,40 @@ def world_sample(rng: random.Random) -> tuple[np.ndarray, str]:
     return render(shape, colour, texture, rng), f"a {name} {words}{shape}"
 
 
+def any_colour_sample(rng: random.Random) -> np.ndarray:
+    """A shape in an arbitrary colour: what the VAE learns from, so that it can draw any colour
+    (the UNet's world keeps to its palette; the concepts' colours are new only to the UNet)."""
+    colour = tuple(rng.randrange(256) for _ in range(3))
+    return render(rng.choice(SHAPES), colour, rng.choice(TEXTURES), rng)
+
+
 def concept_images(concept: ConceptSpec, count: int, seed: int) -> list[np.ndarray]:
     rng = random.Random(seed)
     return [render(concept.shape, concept.colour, concept.texture, rng) for _ in range(count)]
 
 
-def colour_presence(image: np.ndarray, colour: tuple[int, int, int], tolerance: float = 0.18) -> float:
-    """Fraction of pixels within ``tolerance`` (RGB distance, [0, 1] scale) of the colour or of its
-    darker texture shade."""
-    base = np.asarray(colour, dtype=np.float32) / 255.0
-    distance = np.minimum(np.linalg.norm(image - base, axis=-1), np.linalg.norm(image - base * 0.55, axis=-1))
-    return float((distance < tolerance).mean())
+def _palette() -> tuple[list[str], np.ndarray]:
+    """Every colour the world and the concepts use, with their texture shades, and the backgrounds."""
+    names, colours = [], []
+    for name, colour in [*WORLD_COLOURS.items(), *((c.token, c.colour) for c in CONCEPTS)]:
+        for factor in (1.0, 0.55):
+            names.append(name)
+            colours.append(np.asarray(colour, dtype=np.float32) / 255.0 * factor)
+    for grey in (0.55, 0.65, 0.75, 0.85):
+        names.append("background")
+        colours.append(np.full(3, grey, dtype=np.float32))
+    return names, np.stack(colours)
+
+
+PALETTE_NAMES, PALETTE = _palette()
+
+
+def colour_presence(image: np.ndarray, concept: ConceptSpec) -> float:
+    """Fraction of pixels whose nearest palette colour is the concept's (or its texture shade):
+    tolerant of a colour the model renders imperfectly, strict about mistaking it for another."""
+    distances = np.linalg.norm(image[..., None, :] - PALETTE, axis=-1)
+    nearest = np.asarray(PALETTE_NAMES)[distances.argmin(axis=-1)]
+    return float((nearest == concept.token).mean())
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

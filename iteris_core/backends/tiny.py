@@ -64,8 +64,8 @@ class TinySpec:
     text_width: int = 32
     text_layers: int = 2
     text_width_2: int = 32
-    sample_size: int = 16     # latent side; images are 8x larger through the VAE
-    cross_attention_only_first: bool = False
+    sample_size: int = 16     # latent side
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16)   # the VAE downsamples by 2 ** (len - 1)
 
 
 def _text_config(width: int, layers: int, projection: int | None = None):
@@ -100,9 +100,10 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec(), seed: int = 0):
     unet = UNet2DConditionModel(sample_size=spec.sample_size, in_channels=4, out_channels=4,
                                 block_out_channels=spec.channels, layers_per_block=spec.layers_per_block,
                                 down_block_types=down, up_block_types=up, norm_num_groups=8, **extra)
-    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
-                        sample_size=spec.sample_size * 8)
+    levels = len(spec.vae_channels)
+    vae = AutoencoderKL(block_out_channels=spec.vae_channels, down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4, norm_num_groups=8,
+                        sample_size=spec.sample_size * 2 ** (levels - 1))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
     with tempfile.TemporaryDirectory() as tmp:
