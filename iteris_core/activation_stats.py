@@ -83,6 +83,11 @@ def _frobenius(matrix: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(matrix))
 
 
+def sum_of_squares(values: torch.Tensor) -> float:
+    """``sum(values ** 2)`` in fp32 as one reduction: no squared copy of an activation-sized tensor."""
+    return float(torch.linalg.vector_norm(values, dtype=torch.float32)) ** 2
+
+
 class StageStatistics:
     """One iteration's statistics for a set of layers, and their solution.
 
@@ -160,7 +165,7 @@ class StageStatistics:
                 probed = xt32 @ self.probe(g.dim).to(self.device)
                 g.probe_cross = self._add(g.probe_cross, own32.T @ probed)
                 g.probe_gram = self._add(g.probe_gram, xt32.T @ probed)
-        g.energy += float(own32.pow(2).sum())
+        g.energy += sum_of_squares(own32)
         g.tokens += own.shape[0]
 
     def observe_group_probes(self, group: str, gram_probe: torch.Tensor, cross_probe: torch.Tensor | None,
@@ -188,10 +193,9 @@ class StageStatistics:
             layer.numerator = self._add(layer.numerator, own_proj.to(self.device, torch.float32).T @ merged32)
         if merged_out is None:
             if own_out is not None:
-                layer.output_energy += float(own_out.float().pow(2).sum())
+                layer.output_energy += sum_of_squares(own_out)
         else:
-            target = 0.0 if own_out is None else own_out.float()
-            layer.residual += float((merged_out.float() - target).pow(2).sum())
+            layer.residual += sum_of_squares(merged_out if own_out is None else merged_out.float() - own_out.float())
 
     # -- concept boundaries ----------------------------------------------------------------------
     def finish_concept(self, concept: int) -> None:

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .activation_stats import StageStatistics
+from .activation_stats import StageStatistics, sum_of_squares
 from .layers import LayerInfo
 from .low_rank import LowRankDelta
 
@@ -69,7 +69,7 @@ class LayerOps:
     def energy(self, x: torch.Tensor) -> float:
         """``sum ||token||^2`` (each input value counted once per patch that reads it)."""
         if not self.conv or self.pointwise:
-            return float(x.float().pow(2).sum())
+            return sum_of_squares(x)
         i = self.info
         ones = torch.ones(1, i.in_features, *i.kernel, dtype=torch.float32, device=x.device)
         return float(F.conv2d(x.float().pow(2), ones, stride=i.stride, padding=i.padding, dilation=i.dilation).sum())
