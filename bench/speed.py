@@ -154,7 +154,7 @@ def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings,
     from types import SimpleNamespace
 
     from bench.comfy import import_comfy
-    from comfy_fixtures import load_pack, make_executor, run_prompt
+    from bench.comfy import load_pack, make_executor, run_prompt
 
     state = Path(tempfile.mkdtemp(prefix="iteris-bench-comfy-"))
     (state / "models" / "checkpoints").mkdir(parents=True)

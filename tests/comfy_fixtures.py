@@ -11,14 +11,14 @@ Nothing here is a test. :func:`import_comfy` (from ``bench/comfy.py``) imports C
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from bench.checkpoints import component_shapes, write_checkpoint
-from bench.comfy import COMFYUI_HOME, ITERIS_ENV, import_comfy  # noqa: F401
+from bench.comfy import (COMFYUI_HOME, ITERIS_ENV, PACK_DIR, import_comfy, load_pack, make_executor,  # noqa: F401
+                         run_prompt)
 
 
 # The smallest UNet that comfy.model_detection still matches to supported_models.SD15: the real
@@ -54,51 +54,6 @@ def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     """
     import_comfy()
     return write_checkpoint(component_shapes(TINY_SD15_UNET_CONFIG, sdxl=False), path, seed, "tiny-sd15")
-
-
-PACK_DIR = Path(__file__).resolve().parents[1]
-"""This repository: the node pack ComfyUI loads."""
-
-
-def load_pack(nodes: ModuleType) -> dict[str, type]:
-    """Load this node pack into the imported ComfyUI (as ``load_custom_node`` does at start-up) and
-    return its node classes by node id."""
-    before = set(nodes.NODE_CLASS_MAPPINGS)
-    if "IterIS_MergeLoras" not in before:
-        ok = asyncio.run(nodes.load_custom_node(str(PACK_DIR), ignore=before))
-        if not ok:
-            raise RuntimeError("ComfyUI could not load the pack (see the log above)")
-    return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("IterIS_")}
-
-
-class _StubServer:
-    """What PromptExecutor needs of the PromptServer when no server runs."""
-
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs) -> None:
-        pass
-
-
-def make_executor():
-    import execution
-
-    return execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC,
-                                     cache_args={"lru": 0, "ram": 0})
-
-
-def run_prompt(prompt: dict, executor=None) -> tuple[bool, list, dict]:
-    """Validate and execute an API-format prompt in-process. Returns (success, status messages,
-    outputs); a prompt that fails validation returns (False, [("validation", error, node_errors)], {})."""
-    import execution
-
-    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
-    if not ok:
-        return False, [("validation", error, node_errors)], {}
-    executor = executor or make_executor()
-    executor.execute(prompt, "test", {}, outputs)
-    return executor.success, executor.status_messages, executor.history_result.get("outputs", {})
 
 
 def comfy_sd15_key_map(with_shapes: bool = False):
