@@ -12,7 +12,6 @@ Nothing here is a test. :func:`import_comfy` (from ``bench/comfy.py``) imports C
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
