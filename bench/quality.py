@@ -39,6 +39,8 @@ from bench.world import CONCEPTS, any_colour_sample, colour_presence, concept_im
 
 METHODS = ("linear", "concat", "ties", "regmean", "iteris", "iteris_subsampled")
 EVAL_STEPS = (100, 300, 500, 700, 900)
+SUBSAMPLED_NOTE = (" iteris_subsampled: IterIS with its statistics on 16 of the 64 spatial tokens per sample "
+                   "(the merge node's max_tokens).")
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -365,7 +367,8 @@ def main() -> None:
                 f"({'pairs' if args.quick else 'pairs and triples'}); held-out prompts and seeds. Mean and spread "
                 "over groups. fidelity: 1 = the concept's own LoRA, 0 = the base model; presence: concept colour "
                 "in generated images relative to its training images; cross-talk: 0 = prompts without the "
-                "concept are untouched, 1 = moved as far as the concept's own LoRA would move them.\n\n"
+                "concept are untouched, 1 = moved as far as the concept's own LoRA would move them."
+                f"{SUBSAMPLED_NOTE}\n\n"
                 + markdown_table(summary, columns) + f"\n\n![grid]({grid.name})\n")
     save_results("quality_quick" if args.quick else "quality", result, markdown)
     print(markdown)
