@@ -73,10 +73,11 @@ def stopwatch(into: dict, key: str) -> Iterator[None]:
         into[key] = into.get(key, 0.0) + time.perf_counter() - start
 
 
-def save_results(name: str, data: dict | list, markdown: str) -> tuple[Path, Path]:
-    """Write ``bench/results/<name>.json`` (for tools) and ``<name>.md`` (for people)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+def save_results(name: str, data: dict | list, markdown: str, folder: Path = RESULTS) -> tuple[Path, Path]:
+    """Write ``<folder>/<name>.json`` (for tools) and ``<name>.md`` (for people); ``folder`` is
+    ``bench/results`` unless told otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
     json_path.write_text(json.dumps(data, indent=1) + "\n")
     md_path.write_text(markdown.rstrip() + "\n")
     return json_path, md_path

@@ -56,7 +56,7 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
     images = vae.decode(latents / vae.config.scaling_factor).sample
-    return ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    return ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).float().cpu().numpy()
 
 
 def train_vae(vae, images: torch.Tensor, steps: int, seed: int) -> None:
@@ -182,20 +182,25 @@ def noise_predictions(backend, deltas: dict, latents: torch.Tensor, prompt: str,
 
 
 @torch.no_grad()
-def generate(backend, vae, deltas: dict, prompt: str, seeds: list[int], steps: int = 20, guidance: float = 5.0) -> np.ndarray:
-    from diffusers import EulerDiscreteScheduler
+def generate(backend, vae, deltas: dict, prompt: str, seeds: list[int], steps: int = 20, guidance: float = 5.0,
+             sampler: str = "euler", side: int | None = None, negative_prompt: str = "") -> np.ndarray:
+    """Images (n x h x w x 3 in [0, 1]) for ``prompt`` from ``seeds``, with ``deltas`` applied:
+    classifier-free guidance, the ``euler`` or ``ddpm`` sampler, ``side`` pixels (default: the
+    UNet's native size)."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
-    scheduler = EulerDiscreteScheduler.from_config(backend.scheduler_config)
+    scheduler = {"euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}[sampler].from_config(backend.scheduler_config)
     scheduler.set_timesteps(steps)
-    latents = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    latents = latents * scheduler.init_noise_sigma
+    latent_side = (side // 8) if side else backend.unet.config.sample_size
+    latents = torch.stack([torch.randn(4, latent_side, latent_side, generator=torch.Generator().manual_seed(s))
+                           for s in seeds]).to(backend.device) * scheduler.init_noise_sigma
     with applied(backend, deltas):
-        both = backend.encode_text([prompt] * len(seeds) + [""] * len(seeds)).tensors["encoder_hidden_states"]
+        both = backend.encode_text([prompt] * len(seeds) + [negative_prompt] * len(seeds))
         for t in scheduler.timesteps:
             x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            cond, uncond = backend.unet(x, t, encoder_hidden_states=both).sample.chunk(2)
+            cond, uncond = backend.predict_noise(x, t.reshape(1).repeat(len(x)), both).float().chunk(2)
             latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-    return decode(vae, latents)
+    return decode(vae, latents.to(vae.device, vae.dtype))
 
 
 def merge(backend, loras: list, tokens: list[str], method: str):

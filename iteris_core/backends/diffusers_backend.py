@@ -152,8 +152,12 @@ class DiffusersBackend(ModuleTableMixin):
         return kept
 
     def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextBatch) -> None:
-        self._unet(latents.to(self.device), timesteps.to(self.device), cond, latents.shape[-2] * 8,
-                   latents.shape[-1] * 8)
+        self.predict_noise(latents, timesteps, cond)
+
+    def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextBatch) -> torch.Tensor:
+        """The UNet's prediction for ``latents`` at ``timesteps`` (one per row) under ``cond``."""
+        return self._unet(latents.to(self.device), timesteps.to(self.device), cond, latents.shape[-2] * 8,
+                          latents.shape[-1] * 8)
 
 
 def _load_folder(path: Path):
