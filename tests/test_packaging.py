@@ -45,6 +45,9 @@ def test_readme_commands_exist_and_ci_runs_the_test_command():
     assert all((ROOT / s).is_file() for s in scripts)
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^bash scripts/test\.sh\s*$", ci, flags=re.M), ".ci/run must run the README's test command"
-    for module in re.findall(r"python -m (bench\.\w+|iteris_core)\b", readme):
+    modules = re.findall(r"python -m (bench\.[a-z_]+|iteris_core)\b", readme)
+    modules += [f"bench.{name}" for name in re.findall(r"bash scripts/bench\.sh ([a-z_]+)", readme)]
+    assert "bench.quality" in modules and "iteris_core" in modules
+    for module in modules:
         path = ROOT / Path(*module.split("."))
         assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), f"README names {module}"
