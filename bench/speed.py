@@ -14,15 +14,14 @@ checkpoint; and the plan for a GPU at native resolution. Results: bench/results/
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import CACHE, GB, machine, markdown_table, peak_rss_gb, reset_peak_rss, rss_gb, save_results
+from bench.common import CACHE, machine, markdown_table, peak_rss_gb, reset_peak_rss, rss_gb, save_results
+from iteris_core.backends.tiny import ATTENTION_MLP as ATTENTION
 
-ATTENTION = r"(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|ff\.net\.(0\.proj|2)|mlp\.fc[12]|proj_(in|out))$"
 NATIVE = {"sd15": 512, "sdxl": 1024}
 BUDGET_GB = {"sd15": 8.0, "sdxl": 16.0}
 
@@ -202,29 +201,13 @@ def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings,
             "comfy_floor_s": floor["total"], "comfy_floor_phases_s": floor}
 
 
-def planned_gpu(table, settings, loop_plans, architecture: str) -> dict:
+def planned_gpu(table, architecture: str) -> dict:
     """The engine's plan for a 3-concept merge at native resolution in fp16 on a GPU whose free
-    memory is the target budget."""
-    from iteris_core.memory import activation_estimate, choose_plan
+    memory is the target budget (batch 4 for SD1.5, 2 for SDXL; see bench/plans.py)."""
+    from bench.plans import ARCHITECTURES, plan
 
-    side = NATIVE[architecture]
-    activations = activation_estimate(table, side, side, 4, 7.5, torch.float16, "cuda")
-    params = {"sd15": 860_000_000 + 123_000_000, "sdxl": 2_567_000_000 + 123_000_000 + 695_000_000}[architecture]
-    plan = choose_plan(torch.device("cuda"), loop_plans, settings.iterations, 2 * params, activations,
-                       int(BUDGET_GB[architecture] * GB))
-    return plan.to_dict()
-
-
-def three_concept_plans(backend, settings):
-    """Layer plans of a 3-concept merge of rank-16 LoRAs on the attention/MLP layers."""
-    from iteris_core.iteris import IterisLoop, PreparedConcept
-    from iteris_core.low_rank import LowRankDelta
-
-    pattern = re.compile(ATTENTION)
-    delta = LowRankDelta(torch.zeros(1, 16), torch.zeros(16, 1))
-    deltas = {n: delta for n in backend.layer_table().layers if pattern.search(n)}
-    concepts = [PreparedConcept(f"c{i}", deltas, ["x"]) for i in range(3)]
-    return IterisLoop(backend, concepts, settings).stage_plans()
+    name = {"sd15": "sd1"}.get(architecture, architecture)
+    return plan(table, name, 3, 4 if name == "sd1" else 2, ARCHITECTURES[name][2]).to_dict()
 
 
 def main() -> None:
@@ -259,7 +242,7 @@ def main() -> None:
     loras = random_loras(table, args.concepts, args.rank, CACHE / f"loras_{args.arch}")
     prompts = [[f"a photo of sks{i} thing"] for i in range(args.concepts)]
     engine = run_engine(path, loras, prompts, settings, args.device)
-    gpu_plan = planned_gpu(table, settings, three_concept_plans(engine["backend"], settings), args.arch)
+    gpu_plan = planned_gpu(table, args.arch)
     result = {"model": f"{args.arch} (full size, random weights)", "device": args.device, **machine(),
               "n_concepts": args.concepts, "samples": args.samples, "timesteps": args.timesteps,
               "steps": args.steps, "iterations": args.iterations, "resolution": args.resolution,

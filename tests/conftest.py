@@ -50,7 +50,7 @@ def tiny_sdxl_backend(tiny_sdxl_pipe):
 @pytest.fixture(scope="session")
 def full_tables():
     """Layer tables of full-size SD1.5, SD2.1 and SDXL (diffusers modules on the meta device)."""
-    from full_size import full_size_tables
+    from bench.full_size import full_size_tables
 
     return full_size_tables()
 

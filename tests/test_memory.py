@@ -3,27 +3,11 @@ full-size targets (3 concepts: SD1.5 within 8 GB, SDXL within 16 GB of GPU memor
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
-from iteris_core.activation_stats import LayerPlan
-from iteris_core.layers import input_group
-from iteris_core.low_rank import LowRankDelta
+from bench.plans import stages_for as _stages
 from iteris_core.memory import GB, Placement, choose_plan, stage_bytes, unet_activation_bytes
-
-ATTENTION = re.compile(r"(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|ff\.net\.(0\.proj|2)|mlp\.fc[12]|proj_(in|out))$")
-
-
-def _stages(table, concepts=3, rank=16):
-    delta = LowRankDelta(torch.zeros(1, rank), torch.zeros(rank, 1))
-    stages = {"text": [], "unet": []}
-    for name, info in table.layers.items():
-        if ATTENTION.search(name):
-            stage = "unet" if name.startswith("unet.") else "text"
-            stages[stage].append(LayerPlan(name, info, input_group(name), [delta] * concepts))
-    return [stages["text"], stages["unet"]]
 
 
 def test_sd15_unet_statistics_are_counted_exactly(full_tables):

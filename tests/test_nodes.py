@@ -191,7 +191,7 @@ def test_identical_prompt_is_served_from_cache_and_settings_change_reuses_sample
 
 
 def test_a_lora_for_another_model_ends_with_a_clear_error(pack, loras, comfy_nodes):
-    from full_size import full_size_tables
+    from bench.full_size import full_size_tables
 
     folder, _ = loras
     sd2 = full_size_tables()["sd2"]
@@ -282,7 +282,7 @@ def test_real_samples_that_comfyui_loads_for_sd1_are_accepted(pack, loras, sampl
     import comfy.lora
     import comfy.utils
     from comfy_fixtures import comfy_places_every_patch, comfy_sd15_key_map
-    from full_size import full_size_tables
+    from bench.full_size import full_size_tables
 
     folder, _ = loras
     key_map, shapes = comfy_sd15_key_map(with_shapes=True)

@@ -126,8 +126,12 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec(), seed: int = 0):
     return pipe
 
 
+ATTENTION_MLP = r"(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|ff\.net\.(0\.proj|2)|mlp\.fc[12]|proj_(in|out))$"
+"""The layers trainers usually adapt: attention projections, MLPs and the transformer in/out projections."""
+
+
 def random_lora_deltas(table, seed: int, rank: int = 4, scale: float = 0.5, components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2"),
-                       include: str = r"(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|ff\.net\.(0\.proj|2)|mlp\.fc[12]|proj_(in|out))$"):
+                       include: str = ATTENTION_MLP):
     """Random LoRA deltas on a layer table's attention/MLP layers (for demos and tests): down
     Gaussian, up Gaussian scaled so that ``||dW|| ~ scale * ||typical weight||``."""
     import re
