@@ -110,3 +110,23 @@ def comfy_places_every_patch(path, key_map: dict, shapes: dict) -> bool:
     finally:
         logging.getLogger().removeHandler(handler)
     return bool(patches) and not errors
+
+
+def comfy_base_directory(base: Path, checkpoint: Path, checkpoint_name: str, loras: dict[str, int],
+                         include: str | None = None) -> Path:
+    """A ComfyUI base folder (``--base-directory``) with this pack in ``custom_nodes``, the
+    checkpoint linked under ``checkpoint_name`` and random LoRAs for it (file name -> seed)."""
+    from iteris_core.backends.diffusers_backend import DiffusersBackend
+    from iteris_core.backends.tiny import ATTENTION_MLP, random_lora_deltas
+    from iteris_core.lora_writer import MergedLora
+
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "ComfyUI-IterIS").symlink_to(PACK_DIR)
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / checkpoint_name).symlink_to(checkpoint)
+    (base / "models" / "loras").mkdir(parents=True)
+    table = DiffusersBackend.from_pretrained(checkpoint, device="cpu").layer_table()
+    for name, seed in loras.items():
+        deltas = random_lora_deltas(table, seed, rank=4, scale=0.2, include=include or ATTENTION_MLP)
+        MergedLora(deltas, table).save(base / "models" / "loras" / name)
+    return base

@@ -17,10 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_fixtures import COMFYUI_HOME, PACK_DIR
-from iteris_core.backends.diffusers_backend import DiffusersBackend
-from iteris_core.backends.tiny import random_lora_deltas
-from iteris_core.lora_writer import MergedLora
+from comfy_fixtures import COMFYUI_HOME, comfy_base_directory
 
 
 def _free_port() -> int:
@@ -88,17 +85,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_checkpoint):
-    base = tmp_path_factory.mktemp("server")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "ComfyUI-IterIS").symlink_to(PACK_DIR)
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    (base / "models" / "checkpoints" / "tiny_sd15.safetensors").symlink_to(tiny_checkpoint)
-    table = DiffusersBackend.from_pretrained(tiny_checkpoint, device="cpu").layer_table()
-    loras = base / "models" / "loras"
-    loras.mkdir(parents=True)
-    for seed, name in ((1, "dog"), (2, "style")):
-        deltas = random_lora_deltas(table, seed, rank=4, scale=0.2)
-        MergedLora(deltas, table).save(loras / f"{name}.safetensors")
+    base = comfy_base_directory(tmp_path_factory.mktemp("server"), tiny_checkpoint, "tiny_sd15.safetensors",
+                                {"dog.safetensors": 1, "style.safetensors": 2})
     running = Server(base)
     yield running
     running.stop()

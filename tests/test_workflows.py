@@ -25,10 +25,7 @@ from pathlib import Path
 import pytest
 
 import workflow_tools as wt
-from comfy_fixtures import PACK_DIR
-from iteris_core.backends.diffusers_backend import DiffusersBackend
-from iteris_core.backends.tiny import random_lora_deltas
-from iteris_core.lora_writer import MergedLora
+from comfy_fixtures import comfy_base_directory
 from test_server import Server
 
 WORKFLOWS = tuple(path.stem for path in wt.workflow_paths())
@@ -64,19 +61,10 @@ def test_the_shared_workflows_are_there():
 
 @pytest.fixture(scope="module")
 def wf_server(tmp_path_factory, tiny_checkpoint):
-    base = tmp_path_factory.mktemp("workflow-server")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "ComfyUI-IterIS").symlink_to(PACK_DIR)
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    (base / "models" / "checkpoints" / CHECKPOINT).symlink_to(tiny_checkpoint)
+    base = comfy_base_directory(tmp_path_factory.mktemp("workflow-server"), tiny_checkpoint, CHECKPOINT,
+                                dict(TEST_LORAS.values()), include=LORA_LAYERS)
     (base / "user" / "default").mkdir(parents=True)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(UI_SETTINGS))
-    table = DiffusersBackend.from_pretrained(tiny_checkpoint, device="cpu").layer_table()
-    loras = base / "models" / "loras"
-    loras.mkdir(parents=True)
-    for test_name, seed in TEST_LORAS.values():
-        deltas = random_lora_deltas(table, seed, rank=4, scale=0.2, include=LORA_LAYERS)
-        saved = MergedLora(deltas, table).save(loras / test_name)
     with pytest.MonkeyPatch.context() as env:
         # OpenMP threads that spin while they wait make torch 3-8x slower whenever another process
         # (this pytest, a parallel job) wants the same cores; waiting passively costs nothing when idle
