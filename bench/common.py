@@ -36,6 +36,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "ram_gb": memory,
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1",
             "python": platform.python_version(), "torch": torch.__version__,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")}
 

@@ -13,22 +13,38 @@ Concepts are taken one after another. During concept ``i``'s pass the hooks feed
   The systems are touched once per concept, so they may live in host memory while the scratch
   sums stay next to the activations.
 
+Symmetric sums and systems are kept by their upper triangle (:mod:`.symmetric`), and every
+``d x d`` matrix comes from and returns to a :class:`~.buffers.MatrixPool` shared by the stage's
+iterations.
+
+*Token space.* A layer input that sees fewer tokens over all concepts than half its width (the
+text encoders' 77-token prompts; the UNet's lowest resolutions with few samples) keeps the tokens
+themselves instead of ``d x d`` sums: its systems are ``shift I + sum_j w_j Z_j^T Z_j`` and are
+solved exactly through a ``T x T`` system (:func:`~.solver.solve_token_space`), which costs less
+than the Gram sums and ``d x d`` factorisations it replaces and never more memory. A group that
+outgrows the limit is turned into ordinary sums on the spot, and stays so in later iterations.
+
 Layers solved in the row space ``Q`` of their LoRAs keep projected R' x R' sums instead, and
 estimate the ridge norms with fixed random probes (``||G||_F^2 = E ||G g||^2 / k``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from .buffers import MatrixPool
+from .errors import SolverError
 from .layers import LayerInfo
 from .low_rank import LowRankDelta
-from .solver import ConceptTerm, adaptive_weight, solve_full, solve_subspace
-from .symmetric import Triangles
+from .solver import (NON_FINITE, ConceptTerm, TokenTerm, adaptive_weight, solve_full, solve_subspace,
+                     solve_token_space)
+from .symmetric import Triangles, add_upper_gram_, upper_gram_frobenius
 
 PROBES = 32  # probe vectors for Frobenius-norm estimates in row-space mode
+TOKEN_FRACTION = 0.5  # token space while a layer input sees at most this many tokens per input channel
 
 
 @dataclass
@@ -59,7 +75,7 @@ class _Group:
     """Scratch sums for one distinct layer input; emptied after every concept."""
 
     dim: int
-    gram: torch.Tensor | None = None         # sum Xt^T Xt (full mode; packed if memory is short)
+    gram: torch.Tensor | None = None         # sum Xt^T Xt (full mode: upper blocks; packed if memory is short)
     cross: torch.Tensor | None = None        # sum X^T Xt               (full mode, paired passes)
     probe_gram: torch.Tensor | None = None   # sum Xt^T (Xt G)  (d x k) (row-space mode)
     probe_cross: torch.Tensor | None = None  # sum X^T (Xt G)
@@ -77,6 +93,26 @@ class _Layer:
     proj_gram: torch.Tensor | None = None    # this concept, row space: (Q Xt)^T (Q Xt)
     output_energy: float = 0.0               # this concept: sum ||dW x||^2
     residual: float = 0.0                    # this concept: sum ||D xt - dW x||^2
+    # token space: this concept's (A X) tokens per forward call; per folded concept its weight
+    # lam / n and term; the ridge shift sum_j lam_j a ||K_j||
+    own_chunks: list[torch.Tensor] = field(default_factory=list)
+    token_weights: list[float] = field(default_factory=list)
+    token_terms: list[TokenTerm] = field(default_factory=list)
+    shift: float = 0.0
+
+
+@dataclass
+class _TokenGroup:
+    """A layer input kept as tokens: finished concepts' blocks ``Z_j`` and the current concept's
+    chunks, at most ``limit`` tokens in all."""
+
+    limit: int
+    blocks: list[torch.Tensor] = field(default_factory=list)
+    chunks: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(b.shape[0] for b in self.blocks) + sum(c.shape[0] for c in self.chunks)
 
 
 def _frobenius(matrix: torch.Tensor) -> float:
@@ -98,7 +134,8 @@ class StageStatistics:
     def __init__(self, plans: list[LayerPlan], *, regularization: float, adaptive: bool,
                  device: torch.device | str = "cpu", weights: dict[str, LayerWeights] | None = None,
                  seed: int = 0, system_device: torch.device | str | None = None, exact_cross_norm: bool = True,
-                 packed: bool = False):
+                 packed: bool = False, pool: MatrixPool | None = None, token_fraction: float = TOKEN_FRACTION,
+                 dense_groups: set[str] | None = None):
         self.regularization = regularization
         self.adaptive = adaptive
         self.device = torch.device(device)                   # scratch sums: where the activations are
@@ -117,6 +154,15 @@ class StageStatistics:
         # when memory is short, Gram sums and full-mode systems are kept as upper triangles only
         self.packed = packed
         self.triangles = Triangles()
+        self.pool = pool if pool is not None else MatrixPool()
+        # groups that needed d x d sums (learnt in iteration 0: every iteration sees as many tokens)
+        self.dense_groups: set[str] = set(dense_groups or ())
+        self.token_groups: dict[str, _TokenGroup] = {}
+        if token_fraction > 0 and not packed and not exact_cross_norm:
+            for group, members in self.group_members.items():
+                if group not in self.dense_groups and not self.layers[members[0]].plan.subspace:
+                    dim = self.layers[members[0]].plan.info.input_dim
+                    self.token_groups[group] = _TokenGroup(int(token_fraction * dim))
 
     # -- helpers ---------------------------------------------------------------------------------
     def probe(self, dim: int) -> torch.Tensor:
@@ -134,8 +180,8 @@ class StageStatistics:
     def _store(self, dim: int, matrix: torch.Tensor) -> torch.Tensor:
         return self.triangles(dim, matrix.device).pack(matrix) if self.packed else matrix
 
-    def _stored_norm(self, dim: int, stored: torch.Tensor) -> float:
-        return self.triangles(dim, stored.device).frobenius(stored) if self.packed else _frobenius(stored)
+    def _gram_norm(self, dim: int, stored: torch.Tensor) -> float:
+        return self.triangles(dim, stored.device).frobenius(stored) if self.packed else upper_gram_frobenius(stored)
 
     def _plus_diagonal(self, dim: int, stored: torch.Tensor, value: float) -> torch.Tensor:
         if self.packed:
@@ -156,10 +202,25 @@ class StageStatistics:
         g = self.groups[group]
         own32 = own.to(self.device, torch.float32)
         xt32 = own32 if merged is None else merged.to(self.device, torch.float32)
-        g.gram = self._add(g.gram, self._store(g.dim, xt32.T @ xt32))
+        tokens = self.token_groups.get(group)
+        if tokens is not None and tokens.total + xt32.shape[0] > tokens.limit:
+            self._leave_token_space(group)
+            tokens = None
+        if tokens is not None:
+            tokens.chunks.append(xt32.clone())   # the activation may be reused once the hook returns
+        elif self.packed:
+            g.gram = self._add(g.gram, self._store(g.dim, xt32.T @ xt32))
+        else:
+            first = g.gram is None
+            if first:
+                g.gram = self.pool.take((g.dim, g.dim), self.device)
+            add_upper_gram_(g.gram, xt32, first=first)
         if merged is not None:
             if self.exact_cross_norm:
-                g.cross = self._add(g.cross, own32.T @ xt32)
+                first = g.cross is None
+                if first:
+                    g.cross = self.pool.take((g.dim, g.dim), self.device)
+                g.cross.addmm_(own32.T, xt32, beta=0.0 if first else 1.0)
             else:
                 # the same probes on X Xt^T and on Xt Xt^T: their norms' ratio is exactly 1 when X = Xt
                 probed = xt32 @ self.probe(g.dim).to(self.device)
@@ -190,7 +251,11 @@ class StageStatistics:
         if layer.plan.subspace:
             layer.proj_gram = self._add(layer.proj_gram, merged32.T @ merged32)
         if own_proj is not None:
-            layer.numerator = self._add(layer.numerator, own_proj.to(self.device, torch.float32).T @ merged32)
+            own32 = own_proj.to(self.device, torch.float32)
+            if layer.plan.group in self.token_groups:
+                layer.own_chunks.append(own32.clone())
+            else:
+                layer.numerator = self._add(layer.numerator, own32.T @ merged32)
         if merged_out is None:
             if own_out is not None:
                 layer.output_energy += sum_of_squares(own_out)
@@ -211,16 +276,28 @@ class StageStatistics:
                 gram, gram_norm = None, _frobenius(g.probe_gram) / n / root_k
                 cross_norm = gram_norm if g.probe_cross is None else _frobenius(g.probe_cross) / n / root_k
             else:
-                gram = g.gram.div_(n)
-                gram_norm = self._stored_norm(g.dim, gram)
+                tokens = self.token_groups.get(group_name)
+                if tokens is not None:
+                    gram = torch.cat(tokens.chunks)   # this concept's block Z_i
+                    tokens.chunks = []
+                    tokens.blocks.append(gram)
+                    gram_norm = _frobenius(gram @ gram.T) / n    # ||Z^T Z|| = ||Z Z^T||
+                else:
+                    gram = g.gram   # the token sum: 1/n is folded into the weights in _finish_layer
+                    gram_norm = self._gram_norm(g.dim, gram) / n
                 if g.cross is not None:
                     cross_norm = _frobenius(g.cross) / n
                 elif g.probe_cross is not None:   # exact ||K|| times the probed ratio ||C|| / ||K||
                     cross_norm = gram_norm * _frobenius(g.probe_cross) / max(_frobenius(g.probe_gram), 1e-30)
                 else:
                     cross_norm = gram_norm
+            if not all(map(math.isfinite, (gram_norm, cross_norm, g.energy))):
+                raise SolverError(members[0], NON_FINITE + f" (concept {concept + 1})")
             for name in members:
                 self._finish_layer(self.layers[name], concept, n, g.energy / n, gram, gram_norm, cross_norm)
+            if not self.packed and g.gram is not None:   # packed sums are made fresh by each batch's product
+                self.pool.give(g.gram)
+            self.pool.give(g.cross)
             self.groups[group_name] = _Group(g.dim)
 
     def _concept_weight(self, plan: LayerPlan, concept: int, energy: float, output_energy: float) -> float:
@@ -231,8 +308,10 @@ class StageStatistics:
             return adaptive_weight(0.0, 0.0, plan.info.input_dim, energy)
         return adaptive_weight(delta.frobenius_sq(), output_energy, plan.info.input_dim, energy)
 
-    def _finish_layer(self, layer: _Layer, concept: int, tokens: int, energy: float, gram: torch.Tensor | None,
+    def _finish_layer(self, layer: _Layer, concept: int, tokens: int, energy: float, gram_sum: torch.Tensor | None,
                       gram_norm: float, cross_norm: float) -> None:
+        """Fold one layer's share of the concept: ``gram_sum`` is ``sum Xt^T Xt`` over the
+        concept's ``tokens`` (full mode), ``gram_norm`` the norm of its mean ``K``."""
         plan, a = layer.plan, self.regularization
         delta = plan.deltas[concept]
         if self.first_iteration:
@@ -256,14 +335,71 @@ class StageStatistics:
                 coords = delta.down.to(self.device) @ basis.T           # A^ = A Q^T (r x R')
                 rows = (delta.up.to(self.device) @ coords) @ (cross + a * cross_norm * eye)
                 layer.rhs = self._add(layer.rhs, rows * (delta.scale * lam), systems)
+        elif plan.group in self.token_groups:
+            layer.token_weights.append(lam / tokens)
+            layer.shift += lam * a * gram_norm
+            if delta is not None:
+                coefficients = torch.cat(layer.own_chunks).T.div_(tokens).to(systems)
+                layer.token_terms.append(TokenTerm(delta, lam, coefficients, cross_norm, concept))
+            layer.own_chunks = []
         else:
-            update = self._plus_diagonal(plan.info.input_dim, gram * lam, lam * a * gram_norm)
-            layer.system = self._add(layer.system, update, systems)
+            layer.system = self._fold_gram(plan.info.input_dim, layer.system, gram_sum, lam / tokens,
+                                           lam * a * gram_norm)
             if delta is not None:
                 numerator = (layer.numerator / tokens).to(systems)
                 layer.terms.append(ConceptTerm(delta, lam, numerator, cross_norm))
         layer.numerator = layer.proj_gram = None
         layer.output_energy = layer.residual = 0.0
+
+    def _fold_gram(self, dim: int, system: torch.Tensor | None, gram: torch.Tensor, lam: float,
+                   shift: float) -> torch.Tensor:
+        """``system + lam * gram + shift * I`` in place (a pooled matrix for the first concept), on
+        the systems' device."""
+        target = self.system_device
+        staged = gram
+        if gram.device != target:
+            staged = self.pool.take(gram.shape, target).copy_(gram)
+        if system is None:
+            system = torch.mul(staged, lam, out=self.pool.take(staged.shape, target))
+        else:
+            system.add_(staged, alpha=lam)
+        if staged is not gram:
+            self.pool.give(staged)
+        return self._plus_diagonal(dim, system, shift)
+
+    def _leave_token_space(self, group: str) -> None:
+        """Turn a token-space group into ordinary sums: the current concept's chunks into the Gram
+        scratch and its members' numerators, the folded concepts into their systems and terms."""
+        tokens = self.token_groups.pop(group)
+        self.dense_groups.add(group)
+        g = self.groups[group]
+        for k, chunk in enumerate(tokens.chunks):
+            if g.gram is None:
+                g.gram = self.pool.take((g.dim, g.dim), self.device)
+            add_upper_gram_(g.gram, chunk, first=k == 0)
+        for name in self.group_members[group]:
+            layer = self.layers[name]
+            if layer.own_chunks:
+                if len(layer.own_chunks) != len(tokens.chunks):
+                    raise RuntimeError(f"layer {name} saw {len(layer.own_chunks)} calls, its input group "
+                                       f"{group!r} {len(tokens.chunks)}")
+                for own, merged in zip(layer.own_chunks, tokens.chunks):
+                    layer.numerator = self._add(layer.numerator, own.T @ merged)
+            layer.own_chunks = []
+            for k, (block, weight) in enumerate(zip(tokens.blocks, layer.token_weights)):
+                if k == 0:
+                    layer.system = self.pool.take((g.dim, g.dim), self.system_device)
+                add_upper_gram_(layer.system, block.to(self.system_device), first=k == 0, alpha=weight)
+            if layer.token_weights:
+                layer.system.diagonal().add_(layer.shift)
+            layer.terms = [ConceptTerm(t.delta, t.lam, t.coefficients @ tokens.blocks[t.block].to(t.coefficients),
+                                       t.cross_norm) for t in layer.token_terms]
+            layer.token_weights, layer.token_terms, layer.shift = [], [], 0.0
+
+    @property
+    def token_space_layers(self) -> list[str]:
+        """Layers whose systems are (still) kept in token space."""
+        return [name for group in self.token_groups for name in self.group_members[group]]
 
     # -- results ---------------------------------------------------------------------------------
     def relative_objective(self) -> dict[str, float]:
@@ -279,13 +415,24 @@ class StageStatistics:
     def solve(self) -> dict[str, LowRankDelta]:
         """Solve every layer and release the systems."""
         merged = {}
+        token_products: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, layer in self.layers.items():
             plan = layer.plan
-            if plan.subspace:
+            tokens = self.token_groups.get(plan.group)
+            if tokens is not None:
+                if plan.group not in token_products:   # Z and Z Z^T, shared by the group's layers
+                    stacked = torch.cat(tokens.blocks).to(self.system_device)
+                    token_products[plan.group] = stacked, stacked @ stacked.T
+                stacked, product = token_products[plan.group]
+                merged[name] = solve_token_space(stacked, [b.shape[0] for b in tokens.blocks], layer.token_weights,
+                                                 layer.shift, product, layer.token_terms, self.regularization, name)
+                layer.token_weights, layer.token_terms = [], []
+            elif plan.subspace:
                 merged[name] = solve_subspace(layer.system, layer.rhs, plan.basis, name)
             else:
                 system = self._full(plan.info.input_dim, layer.system)
-                merged[name] = solve_full(system, layer.terms, self.regularization, name)
+                merged[name] = solve_full(system, layer.terms, self.regularization, name, self.pool)
+                self.pool.give(layer.system)
             layer.system = layer.rhs = None
             layer.terms = []
         return merged

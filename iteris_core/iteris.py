@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .activation_stats import LayerPlan, LayerWeights, StageStatistics
+from .activation_stats import TOKEN_FRACTION, LayerPlan, LayerWeights, StageStatistics
 from .adapter_hooks import HookSession, HookState
+from .buffers import MatrixPool
 from .backends.base import LatentSample, ModelBackend, TextBatch
 from .errors import MergeInterrupted, SettingsError
 from .layers import UNET, LayerTable, input_group
@@ -64,6 +65,7 @@ class StageResult:
     weights: dict[str, LayerWeights] = field(default_factory=dict)
     converged: bool = False
     samples: int = 0                     # model inputs per concept (rows per pass)
+    token_space_layers: int = 0          # layers solved through T x T systems
     tokens_kept_gb: float = 0.0
 
 
@@ -104,7 +106,8 @@ class IterisLoop:
     def __init__(self, backend: ModelBackend, concepts: list[PreparedConcept], settings: MergeSettings,
                  *, placement: Placement | None = None, log: LogFn | None = None,
                  on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                 sample_cache: dict | None = None, sample_keys: list | None = None):
+                 sample_cache: dict | None = None, sample_keys: list | None = None,
+                 token_fraction: float = TOKEN_FRACTION):
         if not concepts:
             raise SettingsError("no concept to merge")
         self.backend = backend
@@ -125,6 +128,7 @@ class IterisLoop:
         self.sample_cache = sample_cache if sample_cache is not None else {}
         self.sample_keys = [None if k is None else (k, self.sampling) for k in sample_keys] if sample_keys else None
         self.progress = Progress(self.planned_calls(), on_progress, should_stop)
+        self.token_fraction = token_fraction   # 0: every layer with d x d sums (same result, for tests)
 
     # -- planning --------------------------------------------------------------------------------
     def text_prompts(self, concept: PreparedConcept) -> list[str]:
@@ -179,22 +183,26 @@ class IterisLoop:
                            {n: input_group(n) for n in layers},
                            max_tokens_per_sample=self.settings.max_tokens_per_sample, seed=self.sampling.seed)
 
-    def _stats(self, plans: list[LayerPlan], weights: dict[str, LayerWeights] | None) -> StageStatistics:
+    def _stats(self, plans: list[LayerPlan], weights: dict[str, LayerWeights] | None,
+               pool: MatrixPool, dense_groups: set[str]) -> StageStatistics:
         return StageStatistics(plans, regularization=self.settings.regularization,
                                adaptive=self.settings.uses_adaptive_weights, device=self.placement.scratch,
                                system_device=self.placement.systems,
                                exact_cross_norm=self.placement.exact_cross_norm,
-                               packed=self.placement.packed, weights=weights, seed=self.sampling.seed)
+                               packed=self.placement.packed, weights=weights, seed=self.sampling.seed,
+                               pool=pool, token_fraction=self.token_fraction, dense_groups=dense_groups)
 
     def _iterate(self, stage: str, layers: list[str], roots: list[torch.nn.Module],
                  single_pass: Callable[[int, HookSession, HookState], None],
                  paired_pass: Callable[[int, HookSession, HookState], None]) -> StageResult:
         plans = self._plans(layers)
         result = StageResult(merged={})
+        pool = MatrixPool()   # the stage's d x d matrices, reused by every iteration
+        dense_groups: set[str] = set()
         with self._session(layers, roots) as session:
             for iteration in range(self.settings.effective_iterations + 1):
                 started = time.perf_counter()
-                stats = self._stats(plans, result.weights if iteration else None)
+                stats = self._stats(plans, result.weights if iteration else None, pool, dense_groups)
                 passes = folding = 0.0
                 for i, concept in enumerate(self.concepts):
                     first = {n: d for n, d in concept.deltas.items() if n in stats.layers}
@@ -209,6 +217,10 @@ class IterisLoop:
                     folding += time.perf_counter() - tock
                 if iteration == 0:
                     result.weights = stats.weights
+                    result.token_space_layers = len(stats.token_space_layers)
+                    self.log(f"[{stage}] {result.token_space_layers} of {len(layers)} layers solved in token "
+                             "space (fewer tokens than half their input width)")
+                dense_groups = stats.dense_groups
                 objective = stats.relative_objective()
                 tick = time.perf_counter()
                 merged = stats.solve()
@@ -230,6 +242,7 @@ class IterisLoop:
                 if record.max_change is not None and record.max_change < self.settings.tolerance:
                     result.converged = True
                     break
+        pool.clear()
         return result
 
     @staticmethod

@@ -8,7 +8,8 @@ For one layer with concept deltas ``dW_i = s_i B_i A_i``, token-averaged statist
 
 (``M`` the bracket on the right), so the up matrices are kept and only the down matrices are
 solved: an exact LoRA of rank ``sum r_i``. ``M`` is symmetric positive definite whenever the
-ridge is on; it is solved by Cholesky, never inverted.
+ridge is on; it is solved by Cholesky, never inverted, from its upper triangle alone (the
+statistics accumulate only that part; see :mod:`.symmetric`).
 
 Layers whose input is too wide for a ``d x d`` system (3x3 convs, when asked) are solved in the
 row space ``Q`` of the concepts' down matrices: ``D = U Q`` with ``U`` from an ``R x R`` system
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .buffers import MatrixPool
 from .errors import SolverError
 from .low_rank import LowRankDelta
 
@@ -32,20 +34,38 @@ def ridge(gram: torch.Tensor, coefficient: float, norm: float | None = None) -> 
     return gram + scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
-def cholesky_solve_right(rhs: torch.Tensor, system: torch.Tensor, layer: str) -> torch.Tensor:
-    """``rhs @ system^-1`` for a symmetric positive definite ``system``, with errors that name the
-    layer and say what to change."""
-    if not torch.isfinite(system).all() or not torch.isfinite(rhs).all():
-        raise SolverError(layer, "its statistics contain NaN or infinite values: the model produced "
-                          "non-finite activations (fp16 overflow? run in fp32 or bf16)")
+NON_FINITE = ("its statistics contain NaN or infinite values: the model produced non-finite activations "
+              "(fp16 overflow? run in fp32 or bf16)")
+
+
+def cholesky_solve_right(rhs: torch.Tensor, system: torch.Tensor, layer: str,
+                         pool: MatrixPool | None = None) -> torch.Tensor:
+    """``rhs @ system^-1`` for a symmetric positive definite ``system`` of which only the upper
+    triangle is read, with errors that name the layer and say what to change. ``pool`` lends the
+    factor's memory."""
+    if not torch.isfinite(rhs).all():
+        raise SolverError(layer, NON_FINITE)
+    pool = pool or MatrixPool()
     # fp32 like the statistics (fp64 is slow on CPUs and 1/32 speed on consumer GPUs); fp64 only if
     # fp32 cannot factor a nearly singular system
     for dtype in (torch.promote_types(system.dtype, torch.float32), torch.float64):
         matrix = system.to(dtype)
-        matrix = (matrix + matrix.T) / 2  # remove rounding asymmetry from accumulation
-        factor, info = torch.linalg.cholesky_ex(matrix)
+        # column-major, as LAPACK and cuSOLVER write it: no copy of the factor
+        factor = pool.take(matrix.shape, matrix.device, dtype).mT
+        info = torch.empty((), dtype=torch.int32, device=matrix.device)
+        torch.linalg.cholesky_ex(matrix, upper=True, out=(factor, info))
         if int(info) == 0:
-            return torch.cholesky_solve(rhs.to(dtype).T, factor).T.to(rhs.dtype)
+            # LAPACK stops at a NaN or non-positive pivot, which catches any NaN and an infinity off the
+            # diagonal; an infinite diagonal entry gives an infinite pivot, seen here (a scan of d values)
+            finite = bool(torch.isfinite(factor.diagonal()).all())
+            solution = torch.cholesky_solve(rhs.to(dtype).T, factor, upper=True).T.to(rhs.dtype)
+            pool.give(factor)
+            if not finite or not torch.isfinite(solution).all():
+                raise SolverError(layer, NON_FINITE)
+            return solution
+        pool.give(factor)
+    if not torch.isfinite(system.triu()).all():
+        raise SolverError(layer, NON_FINITE)
     raise SolverError(layer, "its Gram system is singular (no sample reached the layer, or the "
                       "regularisation is 0 with fewer tokens than the layer's input width); raise the "
                       "regularisation or add samples")
@@ -71,10 +91,63 @@ def merged_rhs(term: ConceptTerm, regularization: float) -> torch.Tensor:
     return (term.numerator + regularization * term.cross_norm * down) * (term.delta.scale * term.lam)
 
 
-def solve_full(system: torch.Tensor, terms: list[ConceptTerm], regularization: float, layer: str) -> LowRankDelta:
-    """Exact merged LoRA of a layer: up = [B_1 ... B_N], down = [P_1; ...; P_N]."""
+def solve_full(system: torch.Tensor, terms: list[ConceptTerm], regularization: float, layer: str,
+               pool: MatrixPool | None = None) -> LowRankDelta:
+    """Exact merged LoRA of a layer: up = [B_1 ... B_N], down = [P_1; ...; P_N] (``system``: upper
+    triangle read)."""
     rhs = torch.cat([merged_rhs(t, regularization) for t in terms], dim=0)
-    down = cholesky_solve_right(rhs, system, layer)
+    down = cholesky_solve_right(rhs, system, layer, pool)
+    up = torch.cat([t.delta.up.to(down) for t in terms], dim=1)
+    return LowRankDelta(up.float(), down.float(), 1.0)
+
+
+@dataclass
+class TokenTerm:
+    """One concept's part of a layer solved in token space: ``coefficients`` = ``(A_i X_i^T) / n_i``
+    (r x n_i), so that its numerator ``A_i C_i`` is ``coefficients @ Z_i`` with ``Z_i`` its block
+    of merged-model tokens."""
+
+    delta: LowRankDelta
+    lam: float
+    coefficients: torch.Tensor
+    cross_norm: float
+    block: int          # which token block (concept) the coefficients belong to
+
+
+def solve_token_space(tokens: torch.Tensor, sizes: list[int], weights: list[float], shift: float,
+                      token_gram: torch.Tensor, terms: list[TokenTerm], regularization: float,
+                      layer: str) -> LowRankDelta:
+    """Exact merged LoRA of a layer whose system ``M = shift I + sum_j w_j Z_j^T Z_j`` has fewer
+    tokens than its width: the same solution as :func:`solve_full`, through a ``T x T`` system.
+
+    ``tokens`` stacks the blocks ``Z_j`` (``sizes[j]`` rows each, ``T`` in all), ``token_gram`` is
+    ``tokens @ tokens.T``. With ``Z = diag(sqrt w) tokens`` and ``G = Z Z^T``, each concept's
+    right-hand side is ``U_i Z + W_i`` (``U_i`` from its coefficients, ``W_i`` the ridge part), and
+    ``(U Z + W) M^-1 = W / shift + (U - W Z^T / shift) (shift I + G)^-1 Z``
+    (push-through and Woodbury identities). The large term never goes through the ``1 / shift``
+    cancellation, only the ridge part does, in fp64.
+    """
+    if shift <= 0:
+        raise SolverError(layer, "its Gram system is singular (the regularisation is 0 with fewer tokens than "
+                          "the layer's input width); raise the regularisation or add samples")
+    scale = torch.cat([torch.full((n,), w ** 0.5, dtype=torch.float64) for n, w in zip(sizes, weights)])
+    scale = scale.to(tokens.device)
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    small = token_gram.double() * scale[:, None] * scale[None, :]
+    small.diagonal().add_(shift)
+    tokens64 = tokens.double()
+    ridge_rows = torch.cat([t.delta.down.to(tokens64) * (t.delta.scale * t.lam * regularization * t.cross_norm)
+                            for t in terms])
+    token_rows = torch.zeros(ridge_rows.shape[0], tokens.shape[0], dtype=torch.float64, device=tokens.device)
+    row = 0
+    for t in terms:
+        start, size = starts[t.block], sizes[t.block]
+        token_rows[row:row + t.delta.rank, start:start + size] = (
+            t.coefficients.to(tokens64) * (t.delta.scale * t.lam / weights[t.block] ** 0.5))
+        row += t.delta.rank
+    coupling = token_rows - (ridge_rows @ tokens64.T) * scale[None, :] / shift
+    solved = cholesky_solve_right(coupling, small, layer)
+    down = ridge_rows / shift + (solved * scale[None, :]) @ tokens64
     up = torch.cat([t.delta.up.to(down) for t in terms], dim=1)
     return LowRankDelta(up.float(), down.float(), 1.0)
 

@@ -138,3 +138,43 @@ def test_probed_cross_norms_change_the_merge_only_at_ridge_level():
     for name, delta in results[True].items():
         error = (results[False][name].dense() - delta.dense()).norm() / delta.dense().norm()
         assert error < 1e-2, (name, float(error))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["full", "packed"])
+def test_non_finite_activations_stop_the_merge_at_the_layer_that_sees_them(packed):
+    from iteris_core.api import _prepare
+    from iteris_core.errors import SolverError
+    from iteris_core.iteris import IterisLoop
+    from iteris_core.memory import Placement
+
+    backend = ChainBackend()
+    with torch.no_grad():
+        backend.chain.layers[1].bias[3] = float("nan")   # layer 2's input is NaN from here on
+    loop = IterisLoop(backend, [_prepare(c, c.lora) for c in _concepts(backend)],
+                      MergeSettings(iterations=1, sampling=SAMPLING), placement=Placement("cpu", "cpu", True, packed))
+    with pytest.raises(SolverError, match=r"layer unet\.layers\.2: .*NaN or infinite.*concept 1"):
+        loop.run()
+
+
+def test_token_space_gives_the_same_merge_as_gram_sums():
+    """Layers kept as tokens (all the way, or until they outgrow the limit in the middle of the second
+    concept) solve to the same LoRA as d x d sums, iteration after iteration."""
+    from iteris_core.api import _prepare
+    from iteris_core.iteris import IterisLoop
+    from iteris_core.memory import Placement
+
+    backend = ChainBackend()   # width 16; 36 tokens per concept, 12 per forward call
+    concepts = _concepts(backend)
+    settings = MergeSettings(iterations=2, tolerance=0.0, regularization=1e-3, sampling=SAMPLING)
+    results, token_layers = {}, {}
+    for fraction in (0.0, 100.0, 50 / 16):
+        loop = IterisLoop(backend, [_prepare(c, c.lora) for c in concepts], settings,
+                          placement=Placement("cpu", "cpu", False), token_fraction=fraction)
+        _text, unet = loop.run()
+        results[fraction], token_layers[fraction] = unet.merged, unet.token_space_layers
+    assert token_layers == {0.0: 0, 100.0: 4, 50 / 16: 0}
+    for fraction in (100.0, 50 / 16):
+        for name, reference in results[0.0].items():
+            expected = reference.dense()
+            assert torch.allclose(results[fraction][name].dense(), expected, rtol=1e-4,
+                                  atol=1e-5 * float(expected.abs().max())), (fraction, name)

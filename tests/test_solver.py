@@ -182,3 +182,77 @@ def test_packed_triangles_round_trip(size):
     assert tri.frobenius(packed) == pytest.approx(float(torch.linalg.matrix_norm(gram)), rel=1e-5)
     bumped = tri.unpack(tri.add_to_diagonal(packed.clone(), 2.5))
     assert torch.allclose(bumped, gram + 2.5 * torch.eye(size))
+
+
+@pytest.mark.parametrize("size,tokens", [(1, 5), (3, 4), (13, 30), (64, 10)])
+def test_upper_gram_accumulation_matches_the_full_product(size, tokens):
+    from iteris_core.symmetric import add_upper_gram_, upper_gram_frobenius
+
+    g = torch.Generator().manual_seed(size)
+    batches = [torch.randn(tokens, size, generator=g, dtype=torch.float64) for _ in range(3)]
+    accumulator = torch.full((size, size), float("nan"), dtype=torch.float64)   # a reused buffer: any contents
+    for i, batch in enumerate(batches):
+        add_upper_gram_(accumulator, batch, first=i == 0)
+    stacked = torch.cat(batches)
+    full = stacked.T @ stacked
+    assert torch.allclose(accumulator.triu(), full.triu(), rtol=1e-12, atol=1e-10)
+    assert upper_gram_frobenius(accumulator) == pytest.approx(float(torch.linalg.matrix_norm(full)), rel=1e-12)
+
+
+def test_solver_reads_only_the_upper_triangle():
+    deltas, xs, xts, weights = _problem()
+    terms, system = _terms_and_system(deltas, xs, xts, weights, 1e-4)
+    expected = solve_full(system, terms, 1e-4, "layer").dense()
+    scrambled = system.triu() + torch.randn(system.shape, dtype=system.dtype).tril(-1) * 1e3
+    assert torch.allclose(solve_full(scrambled, terms, 1e-4, "layer").dense(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", [(0, 0), (0, 5), (11, 11)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_systems_are_refused_wherever_the_value_is(where, value):
+    deltas, xs, _, _ = _problem(n_concepts=1, ranks=(2,), tokens=(30,))
+    terms, system = _terms_and_system(deltas, xs, xs, [1.0], 1e-4)
+    system[where] = value
+    with pytest.raises(SolverError, match="layer x.*NaN or infinite"):
+        solve_full(system, terms, 1e-4, "layer x")
+
+
+def test_matrix_pool_reuses_what_it_is_given():
+    from iteris_core.buffers import MatrixPool
+
+    pool = MatrixPool()
+    first = pool.zeros((4, 4), "cpu")
+    assert not first.any()
+    pool.give(first.fill_(3.0))
+    assert pool.nbytes == 64
+    again = pool.zeros((4, 4), "cpu")
+    assert again.data_ptr() == first.data_ptr() and not again.any()
+    column_major = pool.take((5, 5), "cpu").mT        # a Cholesky factor's layout
+    pool.give(column_major)
+    assert pool.take((5, 5), "cpu").data_ptr() == column_major.data_ptr()
+    assert pool.take((4, 4), "cpu", torch.float64).dtype == torch.float64   # keyed by dtype too
+    pool.clear()
+    assert pool.nbytes == 0
+
+
+@pytest.mark.parametrize("tokens", [(3, 4, 2), (1, 1, 1)])
+def test_token_space_solution_equals_the_full_system(tokens):
+    from iteris_core.solver import TokenTerm, solve_token_space
+
+    d, a = 12, 1e-3
+    deltas, xs, xts, weights = _problem(tokens=tokens)
+    expected = closed_form_dense([t.dense().double() for t in deltas], xs, xts, weights, a)
+    blocks, sizes, token_weights, shift, terms = [], [], [], 0.0, []
+    for j, (delta, x, xt, lam) in enumerate(zip(deltas, xs, xts, weights)):
+        n = x.shape[1]
+        k_norm = float(torch.linalg.matrix_norm(xt @ xt.T / n))
+        c_norm = float(torch.linalg.matrix_norm(x @ xt.T / n))
+        blocks.append(xt.T.float())
+        sizes.append(n)
+        token_weights.append(lam / n)
+        shift += lam * a * k_norm
+        terms.append(TokenTerm(delta, lam, (delta.down.double() @ x / n).float(), c_norm, j))
+    stacked = torch.cat(blocks)
+    assert stacked.shape[0] < d   # fewer tokens than the width: the case token space is for
+    merged = solve_token_space(stacked, sizes, token_weights, shift, stacked @ stacked.T, terms, a, "layer")
+    assert torch.allclose(merged.dense().double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
