@@ -1,6 +1,8 @@
 """Speed and memory of a merge against the bare forward passes it has to make.
 
-    python -m bench.speed --arch sd15 --concepts 2 --resolution 256      # CPU, minutes
+    python -m bench.speed --arch sd15 --concepts 2 --resolution 256      # CPU, minutes: few samples
+    python -m bench.speed --samples 2 --timesteps 4 --steps 20 --iterations 3 --batch-size 4 \
+        --label defaults                                                   # the node's defaults at 256 px
     python -m bench.speed --arch sd15 --device cuda                        # users with a GPU
 
 Full-size architectures with random weights (speed does not depend on weight values), random
@@ -157,6 +159,7 @@ def measure_merge(backend, loras: list, prompts: list[list[str]], settings) -> d
             "floor_phases_s": floor, "peak_rss_gb": peak, "rss_before_gb": baseline,
             "plan": result.report.memory, "layers": len(result.lora.layers),
             "objective": [r.objective for r in records if r.stage == "unet" and r.objective is not None],
+            "token_space_layers": sum("token space" in layer.mode for layer in result.report.layers.values()),
             "backend": backend, "report": result.report}
 
 
@@ -243,6 +246,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=0,
                         help="spatial tokens per sample for the statistics (0 = all, the default of the engine)")
     parser.add_argument("--no-nodes", action="store_true", help="skip the ComfyUI node run")
+    parser.add_argument("--label", default="", help="suffix of the result files, to keep runs with other settings apart")
     parser.add_argument("--comfy-sub-quadratic", action="store_true",
                         help="leave ComfyUI's CPU default (sub-quadratic attention) instead of PyTorch's SDPA")
     args = parser.parse_args()
@@ -265,7 +269,8 @@ def main() -> None:
               "n_concepts": args.concepts, "samples": args.samples, "timesteps": args.timesteps,
               "steps": args.steps, "iterations": args.iterations, "resolution": args.resolution,
               "batch_size": args.batch_size, "rank": args.rank, "max_tokens_per_sample": args.max_tokens or None,
-              "layers": engine["layers"],
+              "layers": engine["layers"], "token_space_layers": engine["token_space_layers"],
+              "warm_up_s": engine["warm_up_s"],
               "total_s": engine["total_s"], "forward_floor_s": engine["forward_floor_s"],
               "overhead_ratio": engine["total_s"] / engine["forward_floor_s"],
               "phases_s": {k: engine[k] for k in ("text_s", "sampling_s", "statistics_passes_s", "solve_s")},
@@ -282,7 +287,8 @@ def main() -> None:
                       node_overhead_ratio=nodes["node_total_s"] / nodes["comfy_floor_s"],
                       node_vs_engine=nodes["node_total_s"] / engine["total_s"],
                       comfy_attention="sub-quadratic" if args.comfy_sub_quadratic else "pytorch SDPA")
-    name = f"speed_{args.arch}_{args.device}" + (f"_tokens{args.max_tokens}" if args.max_tokens else "")
+    name = (f"speed_{args.arch}_{args.device}" + (f"_tokens{args.max_tokens}" if args.max_tokens else "")
+            + (f"_{args.label}" if args.label else ""))
     rows = [{"what": "merge (engine)", "seconds": result["total_s"]},
             {"what": "bare forward passes (floor)", "seconds": result["forward_floor_s"]},
             {"what": "ratio merge / floor", "seconds": result["overhead_ratio"]}]
@@ -297,7 +303,10 @@ def main() -> None:
                 f"{result['date']}. {args.concepts} concepts, rank {args.rank}, {engine['layers']} layers, "
                 f"{args.samples} sample(s) per prompt, {args.timesteps} timesteps of {args.steps} Euler steps, "
                 f"{args.iterations} iterations, {args.resolution}x{args.resolution}, batch {args.batch_size}, "
-                f"statistics on {args.max_tokens or 'all'} spatial tokens per sample.\n\n"
+                f"statistics on {args.max_tokens or 'all'} spatial tokens per sample; "
+                f"{result['token_space_layers']} layers solved in token space. Both the merge and the floor run "
+                f"after a warm-up call ({result['warm_up_s']:.1f} s) and with PyTorch's huge-page allocation "
+                f"(THP_MEM_ALLOC_ENABLE={int(result['thp_mem_alloc'])}).\n\n"
                 + markdown_table(rows, [("what", "measure"), ("seconds", "seconds (or ratio)")]) +
                 f"\n\nPeak process memory during the merge: {result['peak_rss_gb']:.2f} GB "
                 f"(the engine planned {result['planned_cpu_gb']:.2f} GB; statistics {result['stats_gb']:.2f} GB).\n"

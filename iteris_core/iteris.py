@@ -65,8 +65,7 @@ class StageResult:
     weights: dict[str, LayerWeights] = field(default_factory=dict)
     converged: bool = False
     samples: int = 0                     # model inputs per concept (rows per pass)
-    token_space_layers: int = 0          # layers solved through T x T systems
-    tokens_kept_gb: float = 0.0
+    token_space_layers: list[str] = field(default_factory=list)   # solved through T x T systems
 
 
 def relative_change(new: LowRankDelta, old: LowRankDelta) -> float:
@@ -217,8 +216,8 @@ class IterisLoop:
                     folding += time.perf_counter() - tock
                 if iteration == 0:
                     result.weights = stats.weights
-                    result.token_space_layers = len(stats.token_space_layers)
-                    self.log(f"[{stage}] {result.token_space_layers} of {len(layers)} layers solved in token "
+                    result.token_space_layers = stats.token_space_layers
+                    self.log(f"[{stage}] {len(result.token_space_layers)} of {len(layers)} layers solved in token "
                              "space (fewer tokens than half their input width)")
                 dense_groups = stats.dense_groups
                 objective = stats.relative_objective()

@@ -24,7 +24,7 @@ class InputReport:
 @dataclass
 class LayerReport:
     rank: int
-    mode: str                               # "closed form", "row space", or the baseline's name
+    mode: str                               # "closed form" ("..., token space"), "row space", or the baseline's name
     objective: list[float] = field(default_factory=list)   # relative, per iteration >= 1
     change: list[float] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)     # lam_i per concept
@@ -48,9 +48,11 @@ class MergeReport:
         self.iterations.extend(stage.iterations)
         if stage.iterations:
             self.converged[stage.iterations[0].stage] = stage.converged
+        token_space = set(stage.token_space_layers)
         for name, delta in stage.merged.items():
+            mode = "row space" if name in plans_subspace else "closed form"
             self.layers[name] = LayerReport(
-                rank=delta.rank, mode="row space" if name in plans_subspace else "closed form",
+                rank=delta.rank, mode=mode + (", token space" if name in token_space else ""),
                 objective=stage.layer_objective.get(name, []), change=stage.layer_change.get(name, []),
                 weights=list(stage.weights[name].lam) if name in stage.weights else [])
 
