@@ -158,7 +158,7 @@ class StageStatistics:
         # groups that needed d x d sums (learnt in iteration 0: every iteration sees as many tokens)
         self.dense_groups: set[str] = set(dense_groups or ())
         self.token_groups: dict[str, _TokenGroup] = {}
-        if token_fraction > 0 and not packed and not exact_cross_norm:
+        if token_fraction > 0 and not exact_cross_norm:
             for group, members in self.group_members.items():
                 if group not in self.dense_groups and not self.layers[members[0]].plan.subspace:
                     dim = self.layers[members[0]].plan.info.input_dim
@@ -208,13 +208,8 @@ class StageStatistics:
             tokens = None
         if tokens is not None:
             tokens.chunks.append(xt32.clone())   # the activation may be reused once the hook returns
-        elif self.packed:
-            g.gram = self._add(g.gram, self._store(g.dim, xt32.T @ xt32))
         else:
-            first = g.gram is None
-            if first:
-                g.gram = self.pool.take((g.dim, g.dim), self.device)
-            add_upper_gram_(g.gram, xt32, first=first)
+            self._add_gram(g, xt32)
         if merged is not None:
             if self.exact_cross_norm:
                 first = g.cross is None
@@ -228,6 +223,16 @@ class StageStatistics:
                 g.probe_gram = self._add(g.probe_gram, xt32.T @ probed)
         g.energy += sum_of_squares(own32)
         g.tokens += own.shape[0]
+
+    def _add_gram(self, g: _Group, tokens: torch.Tensor) -> None:
+        """``g.gram += tokens^T tokens``: upper blocks in a pooled matrix, or a packed triangle."""
+        if self.packed:
+            g.gram = self._add(g.gram, self._store(g.dim, tokens.T @ tokens))
+            return
+        first = g.gram is None
+        if first:
+            g.gram = self.pool.take((g.dim, g.dim), self.device)
+        add_upper_gram_(g.gram, tokens, first=first)
 
     def observe_group_probes(self, group: str, gram_probe: torch.Tensor, cross_probe: torch.Tensor | None,
                              energy: float, tokens: int) -> None:
@@ -373,10 +378,8 @@ class StageStatistics:
         tokens = self.token_groups.pop(group)
         self.dense_groups.add(group)
         g = self.groups[group]
-        for k, chunk in enumerate(tokens.chunks):
-            if g.gram is None:
-                g.gram = self.pool.take((g.dim, g.dim), self.device)
-            add_upper_gram_(g.gram, chunk, first=k == 0)
+        for chunk in tokens.chunks:
+            self._add_gram(g, chunk)
         for name in self.group_members[group]:
             layer = self.layers[name]
             if layer.own_chunks:
@@ -386,12 +389,14 @@ class StageStatistics:
                 for own, merged in zip(layer.own_chunks, tokens.chunks):
                     layer.numerator = self._add(layer.numerator, own.T @ merged)
             layer.own_chunks = []
-            for k, (block, weight) in enumerate(zip(tokens.blocks, layer.token_weights)):
-                if k == 0:
-                    layer.system = self.pool.take((g.dim, g.dim), self.system_device)
-                add_upper_gram_(layer.system, block.to(self.system_device), first=k == 0, alpha=weight)
             if layer.token_weights:
-                layer.system.diagonal().add_(layer.shift)
+                system = self.pool.take((g.dim, g.dim), self.system_device)
+                for k, (block, weight) in enumerate(zip(tokens.blocks, layer.token_weights)):
+                    add_upper_gram_(system, block.to(self.system_device), first=k == 0, alpha=weight)
+                if self.packed:
+                    full, system = system, self._store(g.dim, system)   # packing reads the upper triangle only
+                    self.pool.give(full)
+                layer.system = self._plus_diagonal(g.dim, system, layer.shift)
             layer.terms = [ConceptTerm(t.delta, t.lam, t.coefficients @ tokens.blocks[t.block].to(t.coefficients),
                                        t.cross_norm) for t in layer.token_terms]
             layer.token_weights, layer.token_terms, layer.shift = [], [], 0.0

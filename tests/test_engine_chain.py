@@ -156,7 +156,8 @@ def test_non_finite_activations_stop_the_merge_at_the_layer_that_sees_them(packe
         loop.run()
 
 
-def test_token_space_gives_the_same_merge_as_gram_sums():
+@pytest.mark.parametrize("packed", [False, True], ids=["full", "packed"])
+def test_token_space_gives_the_same_merge_as_gram_sums(packed):
     """Layers kept as tokens (all the way, or until they outgrow the limit in the middle of the second
     concept) solve to the same LoRA as d x d sums, iteration after iteration."""
     from iteris_core.api import _prepare
@@ -169,7 +170,7 @@ def test_token_space_gives_the_same_merge_as_gram_sums():
     results, token_layers = {}, {}
     for fraction in (0.0, 100.0, 50 / 16):
         loop = IterisLoop(backend, [_prepare(c, c.lora) for c in concepts], settings,
-                          placement=Placement("cpu", "cpu", False), token_fraction=fraction)
+                          placement=Placement("cpu", "cpu", False, packed), token_fraction=fraction)
         _text, unet = loop.run()
         results[fraction], token_layers[fraction] = unet.merged, len(unet.token_space_layers)
     assert token_layers == {0.0: 0, 100.0: 4, 50 / 16: 0}
