@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each merge and its floor this many times, alternating, and keep the fastest")
     args = parser.parse_args()
 
     from iteris_core.backends.diffusers_backend import DiffusersBackend
@@ -57,7 +59,8 @@ def main() -> None:
             point = {**REFERENCE, knob: value}
             n = point["concepts"]
             measured = measure_merge(backend, loras[:n], prompts[:n],
-                                     settings_for(point["samples"], point["timesteps"], args.iterations))
+                                     settings_for(point["samples"], point["timesteps"], args.iterations),
+                                     args.repeats)
             rows.append({"varied": knob, **point, "total_s": measured["total_s"],
                          "forward_floor_s": measured["forward_floor_s"],
                          "ratio": measured["total_s"] / measured["forward_floor_s"],
@@ -68,17 +71,19 @@ def main() -> None:
     info = machine()
     result = {**info, "model": "small SD1-type (random weights)", "device": args.device,
               "spec": dataclasses.asdict(spec), "rank": args.rank, "iterations": args.iterations,
-              "prompts_per_concept": 2, "reference": REFERENCE, "rows": rows}
+              "prompts_per_concept": 2, "repeats": args.repeats, "reference": REFERENCE, "rows": rows}
     columns = [("varied", "varied"), ("concepts", "concepts"), ("samples", "seeds/prompt"),
                ("timesteps", "timesteps"), ("total_s", "merge s"), ("forward_floor_s", "floor s"),
                ("ratio", "merge/floor"), ("text_s", "text s"), ("sampling_s", "sampling s"),
                ("statistics_passes_s", "statistics s"), ("solve_s", "solve s"), ("stats_gb", "statistics GB")]
     markdown = (f"# Scaling with concepts, samples and timesteps ({args.device})\n\n"
-                f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}. Small SD1-type "
+                f"{info['cpu']} ({info['cpu_capability']}), {info['cores']} cores, torch {info['torch']}, {info['date']}. Small SD1-type "
                 f"model (UNet channels {spec.channels}, {spec.sample_size}x{spec.sample_size} latents), "
                 f"random rank-{args.rank} LoRAs, 2 prompts per concept, {args.iterations} IterIS iterations; "
                 f"reference point {REFERENCE}, one knob varied per block. The floor is the bare model calls "
-                "the merge makes, timed in the same run.\n\n" + markdown_table(rows, columns) + "\n")
+                "the merge makes, timed in the same run"
+                + (f"; each time is the fastest of {args.repeats} alternating runs" if args.repeats > 1 else "")
+                + ".\n\n" + markdown_table(rows, columns) + "\n")
     save_results(f"scaling_{args.device}", result, markdown)
     print(markdown)
 

@@ -190,7 +190,10 @@ class StageStatistics:
         return stored
 
     def _full(self, dim: int, stored: torch.Tensor) -> torch.Tensor:
-        return self.triangles(dim, stored.device).unpack(stored) if self.packed else stored
+        """A ``d x d`` matrix with the stored upper triangle (packed: unpacked into a pooled matrix)."""
+        if not self.packed:
+            return stored
+        return self.triangles(dim, stored.device).unpack_upper(stored, out=self.pool.take((dim, dim), stored.device))
 
     def is_subspace_group(self, group: str) -> bool:
         return self.layers[self.group_members[group][0]].plan.subspace
@@ -226,8 +229,10 @@ class StageStatistics:
 
     def _add_gram(self, g: _Group, tokens: torch.Tensor) -> None:
         """``g.gram += tokens^T tokens``: upper blocks in a pooled matrix, or a packed triangle."""
-        if self.packed:
-            g.gram = self._add(g.gram, self._store(g.dim, tokens.T @ tokens))
+        if self.packed:   # the upper blocks in a pooled scratch, then their triangle
+            scratch = add_upper_gram_(self.pool.take((g.dim, g.dim), self.device), tokens, first=True)
+            g.gram = self._add(g.gram, self._store(g.dim, scratch))
+            self.pool.give(scratch)
             return
         first = g.gram is None
         if first:
@@ -437,7 +442,7 @@ class StageStatistics:
             else:
                 system = self._full(plan.info.input_dim, layer.system)
                 merged[name] = solve_full(system, layer.terms, self.regularization, name, self.pool)
-                self.pool.give(layer.system)
+                self.pool.give(system)
             layer.system = layer.rhs = None
             layer.terms = []
         return merged

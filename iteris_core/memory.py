@@ -3,7 +3,8 @@
 The statistics are exact counts: fp32 ``d x d`` systems (one per layer) and Gram scratch sums (one
 per distinct layer input), both symmetric and stored as upper triangles, plus a full ``d x d`` per
 input for the (non-symmetric) cross term from iteration 1 unless its norm is probed,
-reused for every concept; the small per-concept products and factors. Weights are the model's
+reused for every concept; the small per-concept products and factors, and a work matrix per input
+width (with, for packed storage, its triangle index) counted with them. Weights are the model's
 own parameter bytes. Activations are an analytical estimate of one paired batch's UNet forward
 (the largest forward the merge makes), checked against measured peaks by ``bench/speed.py``.
 
@@ -49,15 +50,17 @@ class StageBytes:
     cross: int     # a second d x d per distinct input, for exact cross norms (iterations >= 1)
     probes: int    # d x k probe sums, when cross norms are probed or in row-space mode
     small: int     # per-concept r x d products, factors
-
-    def total(self, exact_cross_norm: bool) -> int:
-        return self.systems + self.scratch + (self.cross if exact_cross_norm else self.probes) + self.small
+    # per distinct input width: one d x d fp32 work matrix (the Cholesky factor; packed storage also
+    # unpacks into one and computes each batch's Gram in one) and, packed, an int64 triangle index
+    workspace: int = 0
+    indices: int = 0
 
 
 def stage_bytes(plans: list[LayerPlan], iterations: int) -> StageBytes:
     """Bytes of one stage's statistics (fp32)."""
     systems = small = scratch = cross = probes = 0
     groups: dict[str, LayerPlan] = {}
+    widths: set[int] = set()
     for plan in plans:
         d = plan.info.input_dim
         rank = sum(delta.rank for delta in plan.deltas if delta is not None)
@@ -67,6 +70,7 @@ def stage_bytes(plans: list[LayerPlan], iterations: int) -> StageBytes:
             small += 4 * (3 * r * r + plan.info.out_features * r + r * d)
         else:
             systems += 4 * d * (d + 1) // 2      # symmetric: upper triangle only
+            widths.add(d)
             small += 4 * (2 * rank * d + plan.info.out_features * rank)
     for plan in groups.values():
         d = plan.info.input_dim
@@ -77,7 +81,8 @@ def stage_bytes(plans: list[LayerPlan], iterations: int) -> StageBytes:
             if iterations > 0:
                 cross += 4 * d * d
                 probes += 4 * d * PROBES
-    return StageBytes(systems, scratch, cross, probes, small)
+    return StageBytes(systems, scratch, cross, probes, small, sum(4 * d * d for d in widths),
+                      sum(8 * d * (d + 1) // 2 for d in widths))
 
 
 @dataclass
@@ -148,9 +153,16 @@ def _plan(device: torch.device, placement: Placement, stages: list[StageBytes], 
 
     cross = largest("cross") if placement.exact_cross_norm else largest("probes")
     unpack = 1.0 if placement.packed else 2.0   # StageBytes counts symmetric matrices as triangles
+    def work(stage: StageBytes) -> int:
+        """Work matrices next to the scratch sums: the factor (or, packed, the Gram of each batch,
+        the triangle index, and the unpacked system when the systems are kept there too)."""
+        if not placement.packed:
+            return stage.workspace
+        return stage.workspace + stage.indices + (stage.workspace if placement.systems == placement.scratch else 0)
+
+    small = max((s.small + work(s) for s in stages), default=0)
     return MemoryPlan(str(device), placement, model_bytes / GB, activation_bytes / GB,
-                      unpack * largest("systems") / GB, unpack * largest("scratch") / GB, cross / GB,
-                      largest("small") / GB)
+                      unpack * largest("systems") / GB, unpack * largest("scratch") / GB, cross / GB, small / GB)
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -124,8 +124,9 @@ def solve_token_space(tokens: torch.Tensor, sizes: list[int], weights: list[floa
     ``tokens @ tokens.T``. With ``Z = diag(sqrt w) tokens`` and ``G = Z Z^T``, each concept's
     right-hand side is ``U_i Z + W_i`` (``U_i`` from its coefficients, ``W_i`` the ridge part), and
     ``(U Z + W) M^-1 = W / shift + (U - W Z^T / shift) (shift I + G)^-1 Z``
-    (push-through and Woodbury identities). The large term never goes through the ``1 / shift``
-    cancellation, only the ridge part does, in fp64.
+    (push-through and Woodbury identities). The ``T x T`` system, whose ridge is small next to
+    ``G``, is formed and solved in fp64; the products with the ``T x d`` tokens stay in their fp32
+    (the precision of the statistics themselves), so no ``d``-wide copy is made.
     """
     if shift <= 0:
         raise SolverError(layer, "its Gram system is singular (the regularisation is 0 with fewer tokens than "
@@ -135,19 +136,18 @@ def solve_token_space(tokens: torch.Tensor, sizes: list[int], weights: list[floa
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
     small = token_gram.double() * scale[:, None] * scale[None, :]
     small.diagonal().add_(shift)
-    tokens64 = tokens.double()
-    ridge_rows = torch.cat([t.delta.down.to(tokens64) * (t.delta.scale * t.lam * regularization * t.cross_norm)
+    ridge_rows = torch.cat([t.delta.down.to(tokens) * (t.delta.scale * t.lam * regularization * t.cross_norm)
                             for t in terms])
     token_rows = torch.zeros(ridge_rows.shape[0], tokens.shape[0], dtype=torch.float64, device=tokens.device)
     row = 0
     for t in terms:
         start, size = starts[t.block], sizes[t.block]
         token_rows[row:row + t.delta.rank, start:start + size] = (
-            t.coefficients.to(tokens64) * (t.delta.scale * t.lam / weights[t.block] ** 0.5))
+            t.coefficients.to(token_rows) * (t.delta.scale * t.lam / weights[t.block] ** 0.5))
         row += t.delta.rank
-    coupling = token_rows - (ridge_rows @ tokens64.T) * scale[None, :] / shift
+    coupling = token_rows - (ridge_rows @ tokens.T).double() * scale[None, :] / shift
     solved = cholesky_solve_right(coupling, small, layer)
-    down = ridge_rows / shift + (solved * scale[None, :]) @ tokens64
+    down = ridge_rows / shift + (solved * scale[None, :]).to(tokens) @ tokens
     up = torch.cat([t.delta.up.to(down) for t in terms], dim=1)
     return LowRankDelta(up.float(), down.float(), 1.0)
 

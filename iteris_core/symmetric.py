@@ -7,8 +7,9 @@ The Gram sums and the per-layer systems are symmetric, so half of each ``d x d``
   only). Gram sums are accumulated by block rows, only on and above the diagonal:
   :func:`add_upper_gram_` does 9/16 of the full product's work with 8 block rows.
 * Packed storage (when memory is short): the upper triangle as a vector, half the memory. For
-  SDXL that half is several gigabytes. Accumulation adds the triangle of each batch's Gram
-  (computed in full, one layer at a time, then dropped); solving unpacks one system at a time.
+  SDXL that half is several gigabytes. Accumulation adds the triangle of each batch's upper Gram
+  (computed in a pooled ``d x d`` scratch, one layer at a time); solving unpacks one system at a
+  time into a pooled matrix, upper triangle only.
 """
 
 from __future__ import annotations
@@ -58,34 +59,44 @@ class Triangle:
     """Index helpers for one matrix size on one device."""
 
     size: int
-    mask: torch.Tensor      # (d, d) bool, True on and above the diagonal
+    upper: torch.Tensor     # flat (row-major) positions of the entries on and above the diagonal
     diagonal: torch.Tensor  # positions of the diagonal entries in the packed vector
 
     @staticmethod
     def build(size: int, device: torch.device) -> Triangle:
-        mask = torch.ones(size, size, dtype=torch.bool, device=device).triu()
-        rows = torch.arange(size, device=device)
+        rows, columns = torch.triu_indices(size, size, device=device)
+        # flat indices, not a boolean mask: gathering and scattering by index is 5-25x faster than
+        # masked_select / masked_scatter on the CPU, for 8 bytes per packed entry
+        upper = rows * size + columns
+        diagonal = torch.arange(size, device=device)
         # row i starts after sum_{j<i} (d - j) entries; its diagonal entry is the first of the row
-        diagonal = rows * size - rows * (rows - 1) // 2
-        return Triangle(size, mask, diagonal)
+        diagonal = diagonal * size - diagonal * (diagonal - 1) // 2
+        return Triangle(size, upper, diagonal)
 
     @property
     def packed_length(self) -> int:
         return self.size * (self.size + 1) // 2
 
-    def pack(self, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix.masked_select(self.mask)
+    @property
+    def index_bytes(self) -> int:
+        return self.upper.numel() * self.upper.element_size()
 
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(self.size, self.size, dtype=packed.dtype, device=packed.device)
-        full.masked_scatter_(self.mask.to(packed.device), packed)
-        full = full + full.T
-        full.diagonal().sub_(packed[self.diagonal.to(packed.device)])
+    def pack(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The upper triangle of ``matrix`` (its lower part is not read)."""
+        return matrix.reshape(-1).index_select(0, self.upper.to(matrix.device))
+
+    def unpack_upper(self, packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A ``d x d`` matrix whose upper triangle is ``packed`` and whose lower part is undefined,
+        the full-storage convention (the solver reads the upper triangle only); ``out``, if given,
+        is written."""
+        full = torch.empty(self.size, self.size, dtype=packed.dtype, device=packed.device) if out is None else out
+        full.view(-1).index_copy_(0, self.upper.to(packed.device), packed)
         return full
 
     def frobenius(self, packed: torch.Tensor) -> float:
-        diagonal = packed[self.diagonal.to(packed.device)]
-        return float((2 * packed.double().pow(2).sum() - diagonal.double().pow(2).sum()).clamp_min(0).sqrt())
+        total = float(torch.linalg.vector_norm(packed, dtype=torch.float64)) ** 2
+        diagonal = float(torch.linalg.vector_norm(packed[self.diagonal.to(packed.device)], dtype=torch.float64)) ** 2
+        return max(2 * total - diagonal, 0.0) ** 0.5
 
     def add_to_diagonal(self, packed: torch.Tensor, value: float) -> torch.Tensor:
         packed[self.diagonal.to(packed.device)] += value

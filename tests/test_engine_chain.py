@@ -174,8 +174,9 @@ def test_token_space_gives_the_same_merge_as_gram_sums(packed):
         _text, unet = loop.run()
         results[fraction], token_layers[fraction] = unet.merged, len(unet.token_space_layers)
     assert token_layers == {0.0: 0, 100.0: 4, 50 / 16: 0}
+    # both are fp32 solves, each within about 1e-5 of the largest entry of the exact (fp64) one
     for fraction in (100.0, 50 / 16):
         for name, reference in results[0.0].items():
             expected = reference.dense()
             assert torch.allclose(results[fraction][name].dense(), expected, rtol=1e-4,
-                                  atol=1e-5 * float(expected.abs().max())), (fraction, name)
+                                  atol=4e-5 * float(expected.abs().max())), (fraction, name)

@@ -178,10 +178,16 @@ def test_packed_triangles_round_trip(size):
     tri = Triangle.build(size, torch.device("cpu"))
     packed = tri.pack(gram)
     assert packed.numel() == size * (size + 1) // 2
-    assert torch.allclose(tri.unpack(packed), gram)
+    assert torch.allclose(tri.unpack_upper(packed).triu(), gram.triu())
     assert tri.frobenius(packed) == pytest.approx(float(torch.linalg.matrix_norm(gram)), rel=1e-5)
-    bumped = tri.unpack(tri.add_to_diagonal(packed.clone(), 2.5))
-    assert torch.allclose(bumped, gram + 2.5 * torch.eye(size))
+    bumped = tri.unpack_upper(tri.add_to_diagonal(packed.clone(), 2.5))
+    assert torch.allclose(bumped.triu(), (gram + 2.5 * torch.eye(size)).triu())
+    # only the upper triangle is read: whatever is below the diagonal does not change the packing
+    scrambled = gram.triu() + torch.randn(size, size, generator=g).tril(-1)
+    assert torch.equal(tri.pack(scrambled), packed)
+    # unpacking into a given matrix writes the upper triangle and returns that matrix
+    out = torch.full((size, size), float("nan"))
+    assert tri.unpack_upper(packed, out=out) is out and torch.equal(out.triu(), tri.unpack_upper(packed).triu())
 
 
 @pytest.mark.parametrize("size,tokens", [(1, 5), (3, 4), (13, 30), (64, 10)])
