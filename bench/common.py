@@ -44,6 +44,12 @@ def machine() -> dict:
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")}
 
 
+def machine_line(info: dict) -> str:
+    """``machine()`` as the first words of a result file: where and when it was measured."""
+    return (f"{info['cpu']} ({info['cpu_capability']}), {info['cores']} cores, {info['ram_gb']} GB RAM, "
+            f"torch {info['torch']}, {info['date']}")
+
+
 def reset_peak_rss() -> None:
     """Make the kernel's peak-RSS counter (VmHWM) start again from the current RSS."""
     try:

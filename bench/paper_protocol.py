@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import RESULTS, machine, markdown_table, save_results
+from bench.common import RESULTS, machine, machine_line, markdown_table, save_results
 
 METHODS = ("linear", "concat", "ties", "regmean", "iteris")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": rows, "seconds": time.perf_counter() - started}
     columns = [("method", "method"), ("text_alignment", "CLIP text alignment"), ("text_alignment_std", "±"),
                ("image_alignment", "CLIP image alignment"), ("image_alignment_std", "±"), ("merge_seconds", "merge s")]
-    markdown = (f"# The paper's protocol: {args.name}\n\n{info['cpu']}, torch {info['torch']}, {info['date']}, "
+    markdown = (f"# The paper's protocol: {args.name}\n\n{machine_line(info)}, "
                 f"{args.device}. Base {args.base.name}, CLIP {args.clip.name}, {len(args.lora)} LoRAs, "
                 f"{len(eval_prompts)} evaluation prompts x {len(seeds)} seeds, DDPM {args.steps} steps, guidance "
                 f"{args.guidance:g}; references: {result['references']}.\n\n" + markdown_table(rows, columns) + "\n")

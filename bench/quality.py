@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import CACHE, RESULTS, machine, markdown_table, save_results
+from bench.common import CACHE, RESULTS, machine, machine_line, markdown_table, save_results
 from bench.world import CONCEPTS, any_colour_sample, colour_presence, concept_images, to_uint8, world_sample
 
 METHODS = ("linear", "concat", "ties", "regmean", "iteris", "iteris_subsampled")
@@ -366,7 +366,7 @@ def main() -> None:
                ("presence_own_std", "±"), ("presence_joint", "presence (joint prompt)"), ("presence_joint_std", "±"),
                ("crosstalk", "cross-talk"), ("crosstalk_std", "±"), ("merge_seconds", "merge s")]
     markdown = (f"# Merge quality{' (quick run)' if args.quick else ''}\n\n"
-                f"{info['cpu']} ({info['cpu_capability']}), {info['cores']} cores, torch {info['torch']}, {info['date']}. "
+                f"{machine_line(info)}. "
                 f"{len(CONCEPTS)} DreamBooth-style concept LoRAs (rank 8, UNet + text encoder) on a small SD1-type "
                 f"model trained on a synthetic world; {len(groups)} groups "
                 f"({'pairs' if args.quick else 'pairs and triples'}); held-out prompts and seeds. Mean and spread "

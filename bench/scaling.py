@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine, markdown_table, save_results
+from bench.common import machine, machine_line, markdown_table, save_results
 from bench.speed import measure_merge, random_loras
 
 REFERENCE = {"concepts": 2, "samples": 2, "timesteps": 2}
@@ -77,7 +77,7 @@ def main() -> None:
                ("ratio", "merge/floor"), ("text_s", "text s"), ("sampling_s", "sampling s"),
                ("statistics_passes_s", "statistics s"), ("solve_s", "solve s"), ("stats_gb", "statistics GB")]
     markdown = (f"# Scaling with concepts, samples and timesteps ({args.device})\n\n"
-                f"{info['cpu']} ({info['cpu_capability']}), {info['cores']} cores, torch {info['torch']}, {info['date']}. Small SD1-type "
+                f"{machine_line(info)}. Small SD1-type "
                 f"model (UNet channels {spec.channels}, {spec.sample_size}x{spec.sample_size} latents), "
                 f"random rank-{args.rank} LoRAs, 2 prompts per concept, {args.iterations} IterIS iterations; "
                 f"reference point {REFERENCE}, one knob varied per block. The floor is the bare model calls "

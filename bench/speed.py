@@ -1,9 +1,10 @@
 """Speed and memory of a merge against the bare forward passes it has to make.
 
-    python -m bench.speed --arch sd15 --concepts 2 --resolution 256      # CPU, minutes: few samples
+    python -m bench.speed --arch sd15 --repeats 2                       # CPU, minutes: few samples
+    python -m bench.speed --arch sdxl --repeats 2                       # CPU, about 35 minutes, 19 GB RAM
     python -m bench.speed --samples 2 --timesteps 4 --steps 20 --iterations 3 --batch-size 4 \
-        --label defaults                                                   # the node's defaults at 256 px
-    python -m bench.speed --arch sd15 --device cuda                        # users with a GPU
+        --label defaults                                                # the node's defaults at 256 px
+    python -m bench.speed --arch sd15 --device cuda --resolution 512    # users with a GPU
 
 Full-size architectures with random weights (speed does not depend on weight values), random
 rank-16 LoRAs on every attention/MLP layer and both text encoders. In one run it measures: the
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import CACHE, machine, markdown_table, peak_rss_gb, reset_peak_rss, rss_gb, save_results
+from bench.common import CACHE, machine, machine_line, markdown_table, peak_rss_gb, reset_peak_rss, rss_gb, save_results
 from iteris_core.backends.tiny import ATTENTION_MLP as ATTENTION
 
 NATIVE = {"sd15": 512, "sdxl": 1024}
@@ -330,8 +331,7 @@ def main() -> None:
                  {"what": "ratio node / ComfyUI floor", "seconds": result["node_overhead_ratio"]},
                  {"what": "ratio node / engine", "seconds": result["node_vs_engine"]}]
     markdown = (f"# Speed and memory: {result['model']} on {args.device}\n\n"
-                f"{result['cpu']} ({result['cpu_capability']}), {result['cores']} cores, {result['ram_gb']} GB RAM, torch {result['torch']}, "
-                f"{result['date']}. {args.concepts} concepts, rank {args.rank}, {engine['layers']} layers, "
+                f"{machine_line(result)}. {args.concepts} concepts, rank {args.rank}, {engine['layers']} layers, "
                 f"{args.samples} sample(s) per prompt, {args.timesteps} timesteps of {args.steps} Euler steps, "
                 f"{args.iterations} iterations, {args.resolution}x{args.resolution}, batch {args.batch_size}, "
                 f"statistics on {args.max_tokens or 'all'} spatial tokens per sample; "
