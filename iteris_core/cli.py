@@ -178,7 +178,8 @@ class _ProgressBar:
             self.bar = tqdm(total=total, unit="pass", dynamic_ncols=True, file=sys.stderr)
         self.bar.total = total
         self.bar.n = done
-        self.bar.set_description(message[:60])
+        # set_description would repaint on its own; one refresh after both updates draws once.
+        self.bar.set_description(message[:60], refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
