@@ -145,17 +145,18 @@ def measure_merge(backend, loras: list, prompts: list[list[str]], settings, repe
     concepts = [Concept(lora, p, negative_prompt="blurry") for lora, p in zip(loras, prompts)]
     warm_s = warm_up(backend, settings)
     baseline = rss_gb()
-    merges, floors, peak = [], [], 0.0
+    merges, floors, peak, prepared = [], [], 0.0, None
     for _ in range(max(1, repeats)):
         reset_peak_rss()
         started = time.perf_counter()
         result = merge_loras(backend, concepts, settings)
         merges.append((time.perf_counter() - started, result.report))
         peak = max(peak, peak_rss_gb())
-        records = result.report.iterations
-        prepared = [_prepare(c, load_concept_lora(c, i, backend)) for i, c in enumerate(concepts)]
-        text_passes = sum(1 for r in records if r.stage == "text")
-        unet_passes = sum(1 for r in records if r.stage == "unet") - 1
+        if prepared is None:   # every run makes the same passes with the same LoRAs: load them once
+            records = result.report.iterations
+            text_passes = sum(1 for r in records if r.stage == "text")
+            unet_passes = sum(1 for r in records if r.stage == "unet") - 1
+            prepared = [_prepare(c, load_concept_lora(c, i, backend)) for i, c in enumerate(concepts)]
         floors.append(forward_floor(backend, prepared, settings, text_passes, unet_passes))
     total, report = min(merges, key=lambda m: m[0])
     floor = min(floors, key=lambda f: f["total"])

@@ -153,6 +153,7 @@ def _plan(device: torch.device, placement: Placement, stages: list[StageBytes], 
 
     cross = largest("cross") if placement.exact_cross_norm else largest("probes")
     unpack = 1.0 if placement.packed else 2.0   # StageBytes counts symmetric matrices as triangles
+
     def work(stage: StageBytes) -> int:
         """Work matrices next to the scratch sums: the factor (or, packed, the Gram of each batch,
         the triangle index, and the unpacked system when the systems are kept there too)."""

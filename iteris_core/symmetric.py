@@ -77,10 +77,6 @@ class Triangle:
     def packed_length(self) -> int:
         return self.size * (self.size + 1) // 2
 
-    @property
-    def index_bytes(self) -> int:
-        return self.upper.numel() * self.upper.element_size()
-
     def pack(self, matrix: torch.Tensor) -> torch.Tensor:
         """The upper triangle of ``matrix`` (its lower part is not read)."""
         return matrix.reshape(-1).index_select(0, self.upper.to(matrix.device))
