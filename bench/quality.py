@@ -159,8 +159,15 @@ def applied(backend, deltas: dict):
     names = list(deltas)
     session = HookSession({n: modules[n] for n in names}, {n: table[n] for n in names}, [],
                           {n: input_group(n) for n in names})
-    with session, session.active(HookState(first=deltas)), torch.no_grad():
+    with session, session.active(HookState(deltas)), torch.no_grad():
         yield
+
+
+def text_batch(backend, prompts: list[str]):
+    """The prompts' conditioning as one batch (rows in order)."""
+    from iteris_core.backends.base import TextBatch
+
+    return TextBatch.cat(backend.encode_text(prompts))
 
 
 @torch.no_grad()
@@ -177,8 +184,8 @@ def noise_predictions(backend, deltas: dict, latents: torch.Tensor, prompt: str,
         steps.append(torch.full((len(latents),), t))
     x, t = torch.cat(rows), torch.cat(steps)
     with applied(backend, deltas):
-        cond = backend.encode_text([prompt] * len(x)).tensors["encoder_hidden_states"]
-        return backend.unet(x, t, encoder_hidden_states=cond).sample
+        cond = text_batch(backend, [prompt] * len(x)).tensors["encoder_hidden_states"]
+        return backend.unet(x, t, encoder_hidden_states=cond.to(backend.device)).sample
 
 
 @torch.no_grad()
@@ -195,7 +202,7 @@ def generate(backend, vae, deltas: dict, prompt: str, seeds: list[int], steps: i
     latents = torch.stack([torch.randn(4, latent_side, latent_side, generator=torch.Generator().manual_seed(s))
                            for s in seeds]).to(backend.device) * scheduler.init_noise_sigma
     with applied(backend, deltas):
-        both = backend.encode_text([prompt] * len(seeds) + [negative_prompt] * len(seeds))
+        both = text_batch(backend, [prompt] * len(seeds) + [negative_prompt] * len(seeds))
         for t in scheduler.timesteps:
             x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             cond, uncond = backend.predict_noise(x, t.reshape(1).repeat(len(x)), both).float().chunk(2)

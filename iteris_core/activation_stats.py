@@ -4,10 +4,11 @@ Concepts are taken one after another. During concept ``i``'s pass the hooks feed
 (rows are tokens) here; nothing of the activations is kept beyond fp32 sums:
 
 * per distinct layer input (a *group*: q/k/v share one, all cross-attention k/v share the text
-  context): scratch sums ``Xt^T Xt`` and, from iteration 1, either ``X^T Xt`` (d x d) or only
-  ``X^T (Xt G)`` and ``Xt^T (Xt G)`` with a thin random ``G``, whose norms' ratio estimates
+  context): scratch sums ``Xt^T Xt`` and, from iteration 1, either ``Xt^T X`` (d x d) or only
+  ``Xt^T (X G)`` and ``Xt^T (Xt G)`` with a thin random ``G``, whose norms' ratio estimates
   ``||X Xt^T|| / ||Xt Xt^T||`` (exactly 1 when the inputs agree), the token count and the input
-  energy; emptied after every concept;
+  energy; emptied after every concept. ``X`` enters only through ``X G`` (or ``X`` itself when
+  the cross norms are exact), kept from iteration 0 by the hooks;
 * per layer: the system ``M = sum_i lam_i (K_i + a ||K_i|| I)`` (d x d, one per layer whatever
   the number of concepts) and, per concept, the small ``(A_i X_i)^T``-by-``Xt_i`` product (r_i x d).
   The systems are touched once per concept, so they may live in host memory while the scratch
@@ -43,7 +44,10 @@ from .solver import (NON_FINITE, ConceptTerm, TokenTerm, adaptive_weight, solve_
                      solve_token_space)
 from .symmetric import Triangles, add_upper_gram_, upper_gram_frobenius
 
-PROBES = 32  # probe vectors for Frobenius-norm estimates in row-space mode
+PROBES = 32  # probe vectors for Frobenius-norm estimates (cross norms, and every norm in row-space mode)
+# probe projections X G kept between iterations: they only scale the ridge (1e-4 of the Gram's
+# scale), so bf16's 3 digits are plenty and halve the host memory they take
+PROBE_DTYPE = torch.bfloat16
 TOKEN_FRACTION = 0.5  # token space while a layer input sees at most this many tokens per input channel
 
 
@@ -76,7 +80,7 @@ class _Group:
 
     dim: int
     gram: torch.Tensor | None = None         # sum Xt^T Xt (full mode: upper blocks; packed if memory is short)
-    cross: torch.Tensor | None = None        # sum X^T Xt               (full mode, paired passes)
+    cross: torch.Tensor | None = None        # sum Xt^T X               (full mode, exact cross norms)
     probe_gram: torch.Tensor | None = None   # sum Xt^T (Xt G)  (d x k) (row-space mode)
     probe_cross: torch.Tensor | None = None  # sum X^T (Xt G)
     tokens: int = 0
@@ -149,7 +153,7 @@ class StageStatistics:
             self.group_members.setdefault(p.group, []).append(p.name)
         self.groups = {g: _Group(self.layers[m[0]].plan.info.input_dim) for g, m in self.group_members.items()}
         self.objective: dict[str, float] = {}   # lam-weighted residual of the incoming merged model
-        self._generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self._probes: dict[int, torch.Tensor] = {}
         # when memory is short, Gram sums and full-mode systems are kept as upper triangles only
         self.packed = packed
@@ -166,9 +170,12 @@ class StageStatistics:
 
     # -- helpers ---------------------------------------------------------------------------------
     def probe(self, dim: int) -> torch.Tensor:
-        """Fixed Gaussian probe matrix (d x k) for Frobenius-norm estimates."""
+        """Fixed Gaussian probe matrix (d x k) for Frobenius-norm estimates: the same for a width in
+        every iteration, whatever order the layers ask in (iteration 0's ``X G`` meets a later
+        iteration's ``Xt G``)."""
         if dim not in self._probes:
-            self._probes[dim] = torch.randn(dim, PROBES, generator=self._generator)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + dim)
+            self._probes[dim] = torch.randn(dim, PROBES, generator=generator)
         return self._probes[dim]
 
     def _add(self, current: torch.Tensor | None, update: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -199,33 +206,49 @@ class StageStatistics:
         return self.layers[self.group_members[group][0]].plan.subspace
 
     # -- observations ----------------------------------------------------------------------------
-    def observe_group(self, group: str, own: torch.Tensor, merged: torch.Tensor | None) -> None:
-        """Full mode. ``own`` = X (n x d) seen by the concept's model, ``merged`` = Xt seen by the
-        merged model on the same samples (None at iteration 0, where Xt = X)."""
+    def needs_own_probes(self, group: str, concept: int) -> bool:
+        """Whether a later iteration needs the concept's own projections ``X G`` of this input:
+        only for the cross norms of layers that carry the concept's delta."""
+        return any(self.layers[n].plan.deltas[concept] is not None for n in self.group_members[group])
+
+    def own_probe(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What a later iteration needs of the concept's own input rows ``X`` (n x d) for the cross
+        norm: ``X G`` (n x k), or ``X`` itself when the cross norms are exact."""
+        if self.exact_cross_norm:
+            return tokens
+        return tokens.float() @ self.probe(tokens.shape[1]).to(tokens.device)
+
+    def observe_group(self, group: str, tokens: torch.Tensor, own_probe: torch.Tensor | None) -> None:
+        """Full mode. ``tokens`` (n x d) are what the pass's model saw: ``X`` at iteration 0 (the
+        concept's own model), ``Xt`` later (the merged model). ``own_probe`` is :meth:`own_probe`
+        of the concept's own rows for the same tokens, kept from iteration 0 (None at iteration 0,
+        where Xt = X, and where no member layer needs a cross norm)."""
         g = self.groups[group]
-        own32 = own.to(self.device, torch.float32)
-        xt32 = own32 if merged is None else merged.to(self.device, torch.float32)
-        tokens = self.token_groups.get(group)
-        if tokens is not None and tokens.total + xt32.shape[0] > tokens.limit:
+        xt32 = tokens.to(self.device, torch.float32)
+        token_group = self.token_groups.get(group)
+        if token_group is not None and token_group.total + xt32.shape[0] > token_group.limit:
             self._leave_token_space(group)
-            tokens = None
-        if tokens is not None:
-            tokens.chunks.append(xt32.clone())   # the activation may be reused once the hook returns
+            token_group = None
+        if token_group is not None:
+            token_group.chunks.append(xt32.clone())   # the activation may be reused once the hook returns
         else:
             self._add_gram(g, xt32)
-        if merged is not None:
-            if self.exact_cross_norm:
+        if own_probe is not None:
+            own32 = own_probe.to(self.device, torch.float32)
+            if self.exact_cross_norm:    # own_probe is X itself: Xt^T X, whose norm is ||X Xt^T||
                 first = g.cross is None
                 if first:
                     g.cross = self.pool.take((g.dim, g.dim), self.device)
-                g.cross.addmm_(own32.T, xt32, beta=0.0 if first else 1.0)
+                g.cross.addmm_(xt32.T, own32, beta=0.0 if first else 1.0)
             else:
-                # the same probes on X Xt^T and on Xt Xt^T: their norms' ratio is exactly 1 when X = Xt
-                probed = xt32 @ self.probe(g.dim).to(self.device)
-                g.probe_cross = self._add(g.probe_cross, own32.T @ probed)
+                # the same probes, rounded as the kept X G was, on X Xt^T and on Xt Xt^T: their norms'
+                # ratio is exactly 1 when X = Xt
+                probed = (xt32 @ self.probe(g.dim).to(self.device)).to(own_probe.dtype).float()
+                g.probe_cross = self._add(g.probe_cross, xt32.T @ own32)
                 g.probe_gram = self._add(g.probe_gram, xt32.T @ probed)
-        g.energy += sum_of_squares(own32)
-        g.tokens += own.shape[0]
+        elif self.first_iteration:
+            g.energy += sum_of_squares(xt32)
+        g.tokens += xt32.shape[0]
 
     def _add_gram(self, g: _Group, tokens: torch.Tensor) -> None:
         """``g.gram += tokens^T tokens``: upper blocks in a pooled matrix, or a packed triangle."""
@@ -248,6 +271,19 @@ class StageStatistics:
             g.probe_cross = self._add(g.probe_cross, cross_probe)
         g.energy += energy
         g.tokens += tokens
+
+    def own_output(self, name: str, concept: int, own_proj: torch.Tensor) -> torch.Tensor:
+        """``dW_i X`` (n x o) from the kept ``A_i X`` rows (n x r)."""
+        delta = self.layers[name].plan.deltas[concept]
+        return own_proj.float() @ (delta.up * delta.scale).T.to(own_proj.device)
+
+    def own_output_from_coords(self, name: str, concept: int, coords: torch.Tensor) -> torch.Tensor:
+        """Row-space mode: ``dW_i X`` from the kept coordinates ``Q X`` (n x R'): the concept's down
+        matrix lies in the row space, ``A_i = (A_i Q^T) Q``."""
+        plan = self.layers[name].plan
+        delta = plan.deltas[concept]
+        down_in_basis = delta.down @ plan.basis.T
+        return coords.float() @ (delta.up @ down_in_basis).T.mul(delta.scale).to(coords.device)
 
     def observe_layer(self, name: str, own_proj: torch.Tensor | None, merged: torch.Tensor,
                       own_out: torch.Tensor | None = None, merged_out: torch.Tensor | None = None) -> None:

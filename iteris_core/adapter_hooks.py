@@ -1,12 +1,18 @@
 """Forward hooks that apply adapters as low-rank side paths and feed the statistics.
 
 The base model's weights are never patched. Each target layer gets a forward hook that adds
-``scale * up @ (down @ x)`` to its output, possibly a different adapter for each half of the
-batch: in a *paired* pass the first half of the rows carries concept ``i``'s own LoRA and the
-second half the current merged LoRA, on the same samples, so that every hook sees ``X_i`` and
-``Xt_i`` for the same tokens at once (the cross statistics need both). The hooks read the layer's
-input as it arrives, so they work for any module that is a Linear or a Conv2d (ComfyUI's casting
-ops included, whatever its low-VRAM mode does with the weight).
+``scale * up @ (down @ x)`` to its output. The hooks read the layer's input as it arrives, so they
+work for any module that is a Linear or a Conv2d (ComfyUI's casting ops included, whatever its
+low-VRAM mode does with the weight).
+
+A pass runs one set of adapters on every row: concept ``i``'s own LoRA at iteration 0, the merged
+LoRA later. The later iterations' statistics also need what concept ``i``'s own model saw on the
+same tokens (``X_i``), but only through thin projections: ``A_i X_i`` (``r_i`` wide) for the
+numerators and ``X_i G`` (a few random probes) for the ridge's cross norm. Iteration 0 keeps them
+in an :class:`OwnSideStore`, keyed by the call in which they were seen, so that each later
+iteration runs the merged model alone: one model pass per sample instead of two. This needs the
+backend to make the same calls in the same order in every pass over a concept's samples, which
+the keys check.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .activation_stats import StageStatistics, sum_of_squares
+from .activation_stats import PROBE_DTYPE, StageStatistics, sum_of_squares
 from .layers import LayerInfo
 from .low_rank import LowRankDelta
 
@@ -97,22 +103,52 @@ class _Factors:
     up_scaled: torch.Tensor  # (out, r), scale folded in
 
 
-@dataclass
-class HookState:
-    """What the hooks do during the next forward calls.
+class OwnSideStore:
+    """What the solve needs of one concept's own passes, kept from iteration 0 for the later ones:
+    per layer call ``A_i X`` (or the row-space coordinates ``Q X``), per layer-input call the probe
+    projections ``X G`` and the sub-sampled token rows. Kept in host memory."""
 
-    ``first`` applies to all rows (single pass) or to the first half (paired pass);
-    ``second`` to the second half of a paired pass. ``stats`` receives statistics when set.
-    """
+    def __init__(self) -> None:
+        self._entries: dict[tuple, torch.Tensor] = {}
 
-    first: dict[str, LowRankDelta] = field(default_factory=dict)
-    second: dict[str, LowRankDelta] | None = None
-    stats: StageStatistics | None = None
-    concept: int = 0
+    def put(self, key: tuple, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        self._entries[key] = tensor.detach().to("cpu", dtype or tensor.dtype, copy=True)
+
+    def get(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
+        tensor = self._entries.get(key)
+        if tensor is None:
+            raise RuntimeError(f"no record of {key[0]} {key[1]!r} call {key[2]} from iteration 0: the model made "
+                               "other calls over the same samples than in iteration 0 (a backend must replay "
+                               "samples with the same calls in the same order)")
+        return tensor.to(like.device)
 
     @property
-    def paired(self) -> bool:
-        return self.second is not None
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._entries.values())
+
+
+@dataclass
+class HookState:
+    """What the hooks do during one pass over a concept's samples (one or more forward calls).
+
+    ``deltas`` apply to every row. ``stats`` receives statistics when set. ``recording`` passes
+    (iteration 0, the concept's own LoRA) put what later iterations need into ``store``; the other
+    passes (the merged LoRA) read it back. ``store`` is None when no later iteration needs it.
+    """
+
+    deltas: dict[str, LowRankDelta] = field(default_factory=dict)
+    stats: StageStatistics | None = None
+    concept: int = 0
+    recording: bool = True
+    store: OwnSideStore | None = None
+    _calls: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
+
+    def next_call(self, kind: str, name: str) -> int:
+        """Ordinal of this call of a layer (or layer input) within the pass."""
+        key = (kind, name)
+        ordinal = self._calls.get(key, 0)
+        self._calls[key] = ordinal + 1
+        return ordinal
 
 
 class HookSession:
@@ -130,7 +166,8 @@ class HookSession:
         self._handles: list = []
         self._cache: dict[tuple, _Factors] = {}
         self._call = 0
-        self._group_inputs: dict[str, tuple[int, int, torch.Tensor | None]] = {}
+        # per layer input: (root call, data pointer, token rows kept, call ordinal) of its last call
+        self._group_inputs: dict[str, tuple[int, int, torch.Tensor | None, int]] = {}
         self._generator = torch.Generator().manual_seed(seed)
 
     # -- installation ----------------------------------------------------------------------------
@@ -171,50 +208,31 @@ class HookSession:
             self._cache[key] = cached
         return cached
 
-    def _side(self, name: str, delta: LowRankDelta | None, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(down-projection tokens, side-path output tokens) of one adapter on ``x``."""
-        if delta is None:
-            return None, None
-        f = self._factors(name, delta, x)
-        projected = self.ops[name].project(x, f.down)
-        return projected, projected @ f.up_scaled.T
-
     def _make_hook(self, name: str):
         def hook(module, args, output):
             state = self.state
             if state is None:
                 return None
             x = args[0]
-            ops = self.ops[name]
-            # the module's fresh output may be changed in place, except when autograd needs it
-            in_place = not torch.is_grad_enabled()
-            if not state.paired:
-                own_proj, own_out = self._side(name, state.first.get(name), x)
-                if state.stats is not None:
-                    self._collect(name, x, None, own_proj, own_out, None, state.stats)
-                if own_out is None:
-                    return output
-                side = ops.to_output(own_out, output)
-                return output.add_(side) if in_place else output + side
-            half = x.shape[0] // 2
-            x1, x2 = x[:half], x[half:]
-            own_proj, own_out = self._side(name, state.first.get(name), x1)
-            merged_proj, merged_out = self._side(name, state.second.get(name), x2)
+            delta = state.deltas.get(name)
+            projected = side = None
+            if delta is not None:
+                factors = self._factors(name, delta, x)
+                projected = self.ops[name].project(x, factors.down)   # A x, token rows (n x r)
+                side = projected @ factors.up_scaled.T                 # dW x
             if state.stats is not None:
-                self._collect(name, x1, x2, own_proj, own_out, merged_out, state.stats)
-            if not in_place:
-                output = output.clone()
-            if own_out is not None:
-                output[:half] += ops.to_output(own_out, output[:half])
-            if merged_out is not None:
-                output[half:] += ops.to_output(merged_out, output[half:])
-            return output
+                self._collect(name, x, projected, side, state)
+            if side is None:
+                return output
+            side = self.ops[name].to_output(side, output)
+            # the module's fresh output may be changed in place, except when autograd needs it
+            return output.add_(side) if not torch.is_grad_enabled() else output + side
         return hook
 
     # -- statistics ------------------------------------------------------------------------------
-    def _token_index(self, group: str, x: torch.Tensor, count: int) -> torch.Tensor | None:
-        """Random subset of token rows for the statistics (same rows for both halves and for
-        every layer of the group in this call), or None to keep all."""
+    def _token_index(self, x: torch.Tensor, count: int) -> torch.Tensor | None:
+        """Random subset of token rows for the statistics (the same rows for every layer of the
+        input group in this call), or None to keep all."""
         limit = self.max_tokens_per_sample
         if limit is None:
             return None
@@ -225,46 +243,84 @@ class HookSession:
                  for s in range(x.shape[0])]
         return torch.cat(picks).to(x.device)
 
-    def _collect(self, name: str, x1: torch.Tensor, x2: torch.Tensor | None, own_proj, own_out, merged_out,
-                 stats: StageStatistics) -> None:
-        ops, group = self.ops[name], self.groups[name]
+    def _kept_rows(self, group: str, ordinal: int, x: torch.Tensor, count: int, state: HookState) -> torch.Tensor | None:
+        """The token rows kept in this call: drawn at iteration 0, the same ones afterwards."""
+        if self.max_tokens_per_sample is None:
+            return None
+        key = ("rows", group, ordinal)
+        if state.recording:
+            index = self._token_index(x, count)
+            if state.store is not None and index is not None:
+                state.store.put(key, index)
+            return index
+        return state.store.get(key, x) if count // x.shape[0] > self.max_tokens_per_sample else None
+
+    def _collect(self, name: str, x: torch.Tensor, projected: torch.Tensor | None, side: torch.Tensor | None,
+                 state: HookState) -> None:
+        ops, group, stats = self.ops[name], self.groups[name], state.stats
         plan = stats.layers[name].plan
         seen = self._group_inputs.get(group)
-        first_in_call = seen is None or seen[0] != self._call
-        if first_in_call:
-            n_tokens = (ops.tokens(x1).shape[0] if not plan.subspace else None)
-            index = self._token_index(group, x1, n_tokens) if n_tokens is not None else None
-            self._group_inputs[group] = (self._call, x1.data_ptr(), index)
-            self._observe_group(group, ops, x1, x2, index, stats)
-        elif seen[1] != x1.data_ptr():
+        if seen is None or seen[0] != self._call:
+            ordinal = state.next_call("input", group)
+            index = None if plan.subspace else self._kept_rows(group, ordinal, x, ops.tokens(x).shape[0], state)
+            self._group_inputs[group] = (self._call, x.data_ptr(), index, ordinal)
+            self._observe_group(group, ops, x, index, ordinal, state)
+        elif seen[1] != x.data_ptr():
             raise RuntimeError(f"layer {name} shares input group {group!r} with others but received a "
                                "different input tensor in the same forward call")
         index = self._group_inputs[group][2]
         pick = (lambda t: t) if index is None else (lambda t: t.index_select(0, index))  # noqa: E731
+        ordinal = state.next_call("layer", name)
+        own = plan.deltas[state.concept]     # concept's own delta (None where it has none)
+        key = ("layer", name, ordinal)
         if plan.subspace:
-            basis = plan.basis.to(x1.device, x1.dtype)
-            merged_input = ops.project(x1 if x2 is None else x2, basis)
-            own_coords = None if x2 is None else ops.project(x1, basis)
-            stats.observe_layer(name, own_coords, merged_input, own_out, merged_out)
-        else:
-            merged_tokens = ops.tokens(x1 if x2 is None else x2)
-            stats.observe_layer(name, None if own_proj is None else pick(own_proj), pick(merged_tokens),
-                                None if own_out is None else pick(own_out),
-                                None if merged_out is None else pick(merged_out))
-
-    def _observe_group(self, group: str, ops: LayerOps, x1: torch.Tensor, x2: torch.Tensor | None,
-                       index: torch.Tensor | None, stats: StageStatistics) -> None:
-        if stats.is_subspace_group(group):
-            probe = stats.probe(ops.info.input_dim).to(x1.device, x1.dtype)
-            merged = x1 if x2 is None else x2
-            probe_coords = ops.project(merged, probe.T)
-            gram_probe = ops.back_project(merged, probe_coords)
-            cross_probe = None if x2 is None else ops.back_project(x1, probe_coords)
-            stats.observe_group_probes(group, gram_probe, cross_probe, ops.energy(x1), probe_coords.shape[0])
+            coords = ops.project(x, plan.basis.to(x.device, x.dtype))    # Q x
+            if state.recording:
+                if state.store is not None and own is not None:
+                    state.store.put(key, coords)
+                stats.observe_layer(name, None, coords, None if side is None else side, None)
+                return
+            own_coords = state.store.get(key, coords) if own is not None else None
+            own_out = None if own_coords is None else stats.own_output_from_coords(name, state.concept, own_coords)
+            stats.observe_layer(name, own_coords, coords, own_out, side)
             return
-        own = ops.tokens(x1)
-        merged = None if x2 is None else ops.tokens(x2)
+        tokens = pick(ops.tokens(x))
+        if state.recording:
+            own_proj = None if projected is None else pick(projected)
+            if state.store is not None and own_proj is not None:
+                state.store.put(key, own_proj)
+            stats.observe_layer(name, own_proj, tokens, None if side is None else pick(side), None)
+            return
+        own_proj = state.store.get(key, x) if own is not None else None
+        own_out = None if own_proj is None else stats.own_output(name, state.concept, own_proj)
+        stats.observe_layer(name, own_proj, tokens, own_out, None if side is None else pick(side))
+
+    def _observe_group(self, group: str, ops: LayerOps, x: torch.Tensor, index: torch.Tensor | None,
+                       ordinal: int, state: HookState) -> None:
+        stats = state.stats
+        key = ("input", group, ordinal)
+        needed = stats.needs_own_probes(group, state.concept)   # a member has the concept's own delta
+        if stats.is_subspace_group(group):
+            probe = stats.probe(ops.info.input_dim).to(x.device, x.dtype)
+            probe_coords = ops.project(x, probe.T)                       # x G
+            gram_probe = ops.back_project(x, probe_coords)               # Xt^T (Xt G)
+            if state.recording:
+                if state.store is not None and needed:
+                    state.store.put(key, probe_coords, PROBE_DTYPE)
+                stats.observe_group_probes(group, gram_probe, None, ops.energy(x), probe_coords.shape[0])
+                return
+            cross_probe = None
+            if needed:                                                   # Xt^T (X G)
+                cross_probe = ops.back_project(x, state.store.get(key, x).to(x.dtype))
+            stats.observe_group_probes(group, gram_probe, cross_probe, 0.0, probe_coords.shape[0])
+            return
+        tokens = ops.tokens(x)
         if index is not None:
-            own = own.index_select(0, index)
-            merged = None if merged is None else merged.index_select(0, index)
-        stats.observe_group(group, own, merged)
+            tokens = tokens.index_select(0, index)
+        if state.recording:
+            if state.store is not None and needed:
+                exact = stats.exact_cross_norm
+                state.store.put(key, stats.own_probe(tokens), None if exact else PROBE_DTYPE)
+            stats.observe_group(group, tokens, None)
+            return
+        stats.observe_group(group, tokens, state.store.get(key, tokens) if needed else None)

@@ -23,11 +23,11 @@ from .baselines import concat_merge, linear_merge, ties_merge
 from .errors import IterisError, SettingsError
 from .iteris import IterisLoop, LogFn, PreparedConcept, ProgressFn, StopFn
 from .layers import UNET
-from .lora_io import LoraFile
-from .lora_normalize import NormalizedLora, load_lora, lora_from_tensors
+from .lora_io import LoraFile, read_lora_file
+from .lora_normalize import NormalizedLora
 from .lora_writer import MergedLora
 from .low_rank import LowRankDelta, truncate
-from .memory import Placement, activation_estimate, available_bytes, choose_plan
+from .memory import Placement, available_bytes, choose_plan
 from .report import InputReport, LayerReport, MergeReport
 from .settings import MergeSettings, Method
 
@@ -80,7 +80,8 @@ def open_backend(base: ModelBackend | str | Path, device: str | None = None, dty
 
 
 def load_concept_lora(concept: Concept, index: int, backend: ModelBackend) -> NormalizedLora:
-    """The concept's LoRA placed on the backend's layers; errors name the concept."""
+    """The concept's LoRA placed on the backend's layers (by the backend's own reader); errors
+    name the concept."""
     table = backend.layer_table()
     source = concept.lora
     if isinstance(source, NormalizedLora):
@@ -89,8 +90,10 @@ def load_concept_lora(concept: Concept, index: int, backend: ModelBackend) -> No
             raise IterisError(f"{source.name}: layer {unknown[0]} is not in the base model")
         return source
     if isinstance(source, Mapping):
-        return lora_from_tensors(concept.display_name(index), dict(source), table, backend.base_weight)
-    return load_lora(source, table, backend.base_weight)
+        source = LoraFile(concept.display_name(index), dict(source))
+    elif not isinstance(source, LoraFile):
+        source = read_lora_file(source)
+    return backend.read_lora(source)
 
 
 def _validate(concepts: Sequence[Concept], settings: MergeSettings) -> None:
@@ -131,9 +134,7 @@ def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSetting
     """The memory plan and placement of the statistics for this merge on this backend."""
     table = backend.layer_table()
     model_bytes = sum(backend.weights_bytes(c) for c in table.components)
-    height, width = backend.resolution(settings.sampling)
-    activations = activation_estimate(table, height, width, settings.sampling.batch_size, settings.sampling.guidance,
-                                      backend.dtype, backend.device.type)
+    activations = backend.activation_bytes(settings.sampling)
     stages = loop.stage_plans()
     plan = choose_plan(backend.device, stages, settings.effective_iterations, model_bytes, activations,
                        available_bytes(backend.device), forced, exact_cross_norm=settings.exact_cross_norm)

@@ -78,7 +78,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--width", type=int, default=None, help="sample width in pixels (default: the model's)")
     group.add_argument("--height", type=int, default=None, help="sample height in pixels (default: the model's)")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
-                       help="samples per forward pass; each runs twice in a paired batch (default %(default)s)")
+                       help="samples per forward pass (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="first seed (default %(default)s)")
 
 

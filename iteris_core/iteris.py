@@ -1,12 +1,14 @@
 """The IterIS loop over a model's stages, in DAG order: text encoders first, then the UNet.
 
 Per stage, iteration 0 collects each concept's statistics on its own LoRA model (``Xt_i = X_i``)
-and solves: with uniform weights that is RegMean. Every later iteration runs each concept's
-samples twice in one paired batch (own LoRA | current merged LoRA), re-collects the statistics on
-the merged model's real inputs and solves again, until the merged deltas stop moving or the
-iteration budget is spent. The UNet's samples are points of each concept's own sampling
-trajectory, conditioned by its own text encoder (first half) and by the merged text encoder
-(second half); they are made once and reused unchanged in every iteration.
+and solves: with uniform weights that is RegMean. It also keeps the thin projections of the
+concept's own layer inputs that the later solves need (:class:`~.adapter_hooks.OwnSideStore`).
+Every later iteration runs each concept's samples through the current merged model alone,
+re-collects the statistics on its real inputs and solves again, until the merged deltas stop
+moving or the iteration budget is spent. The UNet's samples are points of each concept's own
+sampling trajectory; iteration 0 replays them with the concept's own LoRA and text conditioning,
+later iterations with the merged LoRA and the merged text encoder's conditioning. They are made
+once and reused unchanged in every iteration.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from typing import Callable, Sequence
 import torch
 
 from .activation_stats import TOKEN_FRACTION, LayerPlan, LayerWeights, StageStatistics
-from .adapter_hooks import HookSession, HookState
+from .adapter_hooks import HookSession, HookState, OwnSideStore
 from .buffers import MatrixPool
-from .backends.base import LatentSample, ModelBackend, TextBatch
+from .backends.base import Conditioning, LatentSample, ModelBackend
 from .errors import MergeInterrupted, SettingsError
 from .layers import UNET, LayerTable, input_group
 from .low_rank import LowRankDelta
@@ -99,6 +101,10 @@ def _chunks(items: Sequence, size: int) -> list[Sequence]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+Pass = Callable[[int, int, HookSession, HookState], None]   # (concept, iteration, session, state)
+Samples = list[tuple[int, LatentSample]]                    # (prompt index, sample), in sampling order
+
+
 class IterisLoop:
     """Runs IterIS (or RegMean: no iteration, uniform weights) on a backend."""
 
@@ -117,17 +123,19 @@ class IterisLoop:
         self.placement = placement or Placement(here, here, True)
         self.log = log or (lambda message: None)
         self.sampling = settings.sampling
-        self.use_cfg = self.sampling.guidance > 1.0
+        self.use_cfg = self.sampling.uses_cfg
+        order = list(self.table.layers).index
         self.text_layers = sorted({n for c in concepts for n in c.deltas if not n.startswith(UNET + ".")},
-                                  key=list(self.table.layers).index) if settings.merge_text_encoder else []
+                                  key=order) if settings.merge_text_encoder else []
         self.unet_layers = sorted({n for c in concepts for n in c.deltas if n.startswith(UNET + ".")},
-                                  key=list(self.table.layers).index) if settings.merge_unet else []
+                                  key=order) if settings.merge_unet else []
         # samples depend only on the model, the concept and the sampling settings, not on the merge
         # settings: a caller that passes a cache and a key per concept gets them reused
         self.sample_cache = sample_cache if sample_cache is not None else {}
         self.sample_keys = [None if k is None else (k, self.sampling) for k in sample_keys] if sample_keys else None
         self.progress = Progress(self.planned_calls(), on_progress, should_stop)
         self.token_fraction = token_fraction   # 0: every layer with d x d sums (same result, for tests)
+        self.own_side_bytes = 0                # host memory kept for the later iterations (largest stage)
 
     # -- planning --------------------------------------------------------------------------------
     def text_prompts(self, concept: PreparedConcept) -> list[str]:
@@ -142,15 +150,16 @@ class IterisLoop:
 
     def planned_calls(self) -> int:
         """Model calls the merge will make at most (for progress reporting)."""
-        iterations = 1 + self.settings.effective_iterations
-        text = len(self.concepts) * (iterations + 1)
+        passes = 1 + self.settings.effective_iterations
+        text = len(self.concepts) * (passes + 1)
         unet = 0
         if self.unet_layers:
+            s = self.sampling
+            kept = len(s.kept_steps())
             for c in self.concepts:
-                trajectories = len(self.trajectories(c))
-                unet += math.ceil(trajectories / self.sampling.batch_size) * self.sampling.steps
-                samples = trajectories * len(self.sampling.kept_steps())
-                unet += math.ceil(samples / self.sampling.batch_size) * self.settings.effective_iterations
+                per_prompt = math.ceil(s.samples_per_prompt / s.batch_size) * s.steps
+                per_prompt += math.ceil(s.samples_per_prompt * kept / s.batch_size) * passes
+                unet += len(c.prompts) * per_prompt
         return text + unet
 
     def stage_plans(self) -> list[list[LayerPlan]]:
@@ -191,25 +200,26 @@ class IterisLoop:
                                packed=self.placement.packed, weights=weights, seed=self.sampling.seed,
                                pool=pool, token_fraction=self.token_fraction, dense_groups=dense_groups)
 
-    def _iterate(self, stage: str, layers: list[str], roots: list[torch.nn.Module],
-                 single_pass: Callable[[int, HookSession, HookState], None],
-                 paired_pass: Callable[[int, HookSession, HookState], None]) -> StageResult:
+    def _iterate(self, stage: str, layers: list[str], roots: list[torch.nn.Module], run_pass: Pass) -> StageResult:
         plans = self._plans(layers)
         result = StageResult(merged={})
         pool = MatrixPool()   # the stage's d x d matrices, reused by every iteration
         dense_groups: set[str] = set()
+        later = self.settings.effective_iterations > 0
+        stores = [OwnSideStore() if later else None for _ in self.concepts]
         with self._session(layers, roots) as session:
             for iteration in range(self.settings.effective_iterations + 1):
                 started = time.perf_counter()
                 stats = self._stats(plans, result.weights if iteration else None, pool, dense_groups)
                 passes = folding = 0.0
                 for i, concept in enumerate(self.concepts):
-                    first = {n: d for n, d in concept.deltas.items() if n in stats.layers}
+                    if iteration == 0:   # the concept's own LoRA, recording what the later solves need
+                        own = {n: d for n, d in concept.deltas.items() if n in stats.layers}
+                        state = HookState(own, stats, i, recording=True, store=stores[i])
+                    else:                # the merged LoRA alone
+                        state = HookState(result.merged, stats, i, recording=False, store=stores[i])
                     tick = time.perf_counter()
-                    if iteration == 0:
-                        single_pass(i, session, HookState(first=first, stats=stats, concept=i))
-                    else:
-                        paired_pass(i, session, HookState(first=first, second=result.merged, stats=stats, concept=i))
+                    run_pass(i, iteration, session, state)
                     tock = time.perf_counter()
                     stats.finish_concept(i)
                     passes += tock - tick
@@ -219,6 +229,11 @@ class IterisLoop:
                     result.token_space_layers = stats.token_space_layers
                     self.log(f"[{stage}] {len(result.token_space_layers)} of {len(layers)} layers solved in token "
                              "space (fewer tokens than half their input width)")
+                    if later:
+                        kept = sum(store.nbytes for store in stores)
+                        self.own_side_bytes = max(self.own_side_bytes, kept)
+                        self.log(f"[{stage}] kept {kept / 2 ** 20:.1f} MiB of the concepts' own-side projections "
+                                 "in host memory: each later iteration runs the merged model alone")
                 dense_groups = stats.dense_groups
                 objective = stats.relative_objective()
                 tick = time.perf_counter()
@@ -257,26 +272,23 @@ class IterisLoop:
         return [root for c in components for root in self.backend.roots(c)]
 
     def _run_text(self) -> StageResult:
-        self._own_text: dict[int, TextBatch] = {}
+        self._own_text: dict[int, list[Conditioning]] = {}
 
-        def single(i: int, session: HookSession, state: HookState) -> None:
+        def encode(i: int, iteration: int, session: HookSession, state: HookState) -> None:
             self.progress.check()
             with session.active(state), torch.no_grad():
-                self._own_text[i] = self.backend.encode_text(self.text_prompts(self.concepts[i])).to("cpu")
-            self.progress.step(f"text encoder: concept {i + 1}/{len(self.concepts)}")
-
-        def paired(i: int, session: HookSession, state: HookState) -> None:
-            self.progress.check()
-            prompts = self.text_prompts(self.concepts[i])
-            with session.active(state), torch.no_grad():
-                self.backend.encode_text(prompts + prompts)
+                conditioning = self.backend.encode_text(self.text_prompts(self.concepts[i]))
+            if iteration == 0:
+                self._own_text[i] = conditioning
             self.progress.step(f"text encoder: concept {i + 1}/{len(self.concepts)}")
 
         self.log(f"[text] merging {len(self.text_layers)} layers of {len(self.concepts)} concepts")
-        return self._iterate("text", self.text_layers, self._text_roots(), single, paired)
+        return self._iterate("text", self.text_layers, self._text_roots(), encode)
 
-    def _conditioning(self, merged_text: dict[str, LowRankDelta]) -> tuple[list[TextBatch], list[TextBatch]]:
-        """Each concept's text conditioning under its own LoRA and under the merged LoRA."""
+    def _conditioning(self, merged_text: dict[str, LowRankDelta]) -> tuple[list[list[Conditioning]],
+                                                                          list[list[Conditioning]]]:
+        """Each concept's text conditioning (per prompt, negative last under CFG) under its own LoRA
+        and under the merged LoRA."""
         own_cached = getattr(self, "_own_text", {})
         text_layers = [n for n in self.table.layers if not n.startswith(UNET + ".")]
         own, merged = [], []
@@ -286,89 +298,73 @@ class IterisLoop:
                 if i in own_cached:
                     own.append(own_cached[i])
                 else:
-                    state = HookState(first={n: d for n, d in concept.deltas.items() if n in session.modules})
+                    state = HookState({n: d for n, d in concept.deltas.items() if n in session.modules})
                     with session.active(state), torch.no_grad():
-                        own.append(self.backend.encode_text(prompts).to("cpu"))
+                        own.append(self.backend.encode_text(prompts))
                 self.progress.check()
-                with session.active(HookState(first=dict(merged_text))), torch.no_grad():
-                    merged.append(self.backend.encode_text(prompts).to("cpu"))
+                with session.active(HookState(dict(merged_text))), torch.no_grad():
+                    merged.append(self.backend.encode_text(prompts))
                 self.progress.step(f"text conditioning: concept {i + 1}/{len(self.concepts)}")
         return own, merged
 
     # -- UNet ------------------------------------------------------------------------------------
-    def _rows(self, concept: PreparedConcept, cond: TextBatch, prompt_rows: list[int]) -> TextBatch:
-        """Conditioning rows for samples of the given prompts: uncond rows, then cond rows."""
-        if not self.use_cfg:
-            return cond.select(prompt_rows)
-        negative = len(concept.prompts)
-        return TextBatch.cat([cond.select([negative] * len(prompt_rows)), cond.select(prompt_rows)])
+    def _negative(self, conditioning: list[Conditioning]) -> Conditioning | None:
+        return conditioning[-1] if self.use_cfg else None
 
-    def _replay(self, i: int, session: HookSession, state: HookState, samples: list[tuple[int, LatentSample]],
-                conds: list[TextBatch], label: str) -> None:
-        """Run stored samples through the UNet, once per conditioning in ``conds`` (one: a single
-        pass with the concept's own model; two: a paired pass, own | merged, in one batch)."""
-        concept = self.concepts[i]
-        device = self.backend.device
-        copies = 2 if self.use_cfg else 1
-        for chunk in _chunks(samples, self.sampling.batch_size):
-            self.progress.check()
-            prompts = [p for p, _ in chunk]
-            latents = torch.stack([s.latent for _, s in chunk])
-            timesteps = torch.stack([s.timestep for _, s in chunk])
-            block_latents = latents.repeat(copies, *[1] * (latents.dim() - 1))
-            block_times = timesteps.repeat(copies)
-            cond = TextBatch.cat([self._rows(concept, c, prompts) for c in conds]).to(device)
-            with session.active(state), torch.no_grad():
-                self.backend.denoise(torch.cat([block_latents] * len(conds)).to(device),
-                                     torch.cat([block_times] * len(conds)).to(device), cond)
-            self.progress.step(f"UNet: {label}, concept {i + 1}/{len(self.concepts)}")
+    def _replay(self, i: int, session: HookSession, state: HookState, samples: Samples,
+                conditioning: list[Conditioning], label: str) -> None:
+        """Run a concept's stored samples through the denoiser, one batch of one prompt at a time."""
+        by_prompt: dict[int, list[LatentSample]] = {}
+        for prompt, sample in samples:
+            by_prompt.setdefault(prompt, []).append(sample)
+        for prompt, stored in by_prompt.items():
+            for chunk in _chunks(stored, self.sampling.batch_size):
+                self.progress.check()
+                with session.active(state), torch.no_grad():
+                    self.backend.replay(conditioning[prompt], self._negative(conditioning), chunk, self.sampling)
+                self.progress.step(f"UNet: {label}, concept {i + 1}/{len(self.concepts)}")
 
-    def _sample(self, i: int, session: HookSession, state: HookState, own: TextBatch) -> list[tuple[int, LatentSample]]:
-        """Sample the concept's trajectories with its own model, collecting iteration 0's statistics
-        at the kept steps on the way; returns the kept samples."""
+    def _sample(self, i: int, session: HookSession, conditioning: list[Conditioning]) -> Samples:
+        """Sample the concept's trajectories with its own model; returns the kept samples."""
         concept = self.concepts[i]
         keep = self.sampling.kept_steps()
-        stats, kept_samples = state.stats, []
-        cond = own.to(self.backend.device)
-        negative = len(concept.prompts)
-        for chunk in _chunks(self.trajectories(concept), self.sampling.batch_size):
-            rows = [p for p, _ in chunk]
+        own = HookState({n: d for n, d in concept.deltas.items() if n in session.modules})
+        kept_samples: Samples = []
+        for prompt in range(len(concept.prompts)):
+            seeds = [seed for p, seed in self.trajectories(concept) if p == prompt]
+            for chunk in _chunks(seeds, self.sampling.batch_size):
+                def on_step(step: int) -> None:
+                    self.progress.check()
+                    self.progress.step(f"UNet: sampling concept {i + 1}/{len(self.concepts)} (step {step + 1})")
 
-            def on_step(step: int) -> None:
-                self.progress.check()
-                state.stats = stats if step in keep else None
-                self.progress.step(f"UNet: sampling concept {i + 1}/{len(self.concepts)} (step {step + 1})")
-
-            uncond = cond.select([negative] * len(rows)) if self.use_cfg else cond.select(rows)
-            with session.active(state), torch.no_grad():
-                kept = self.backend.sample(cond.select(rows), uncond, [seed for _, seed in chunk], self.sampling,
-                                           keep, on_step)
-            for (prompt, _), trajectory in zip(chunk, kept):
-                kept_samples.extend((prompt, s) for s in trajectory)
-        state.stats = stats
+                with session.active(own), torch.no_grad():
+                    kept = self.backend.sample(conditioning[prompt], self._negative(conditioning), list(chunk),
+                                               self.sampling, keep, on_step)
+                for trajectory in kept:
+                    kept_samples.extend((prompt, s) for s in trajectory)
         return kept_samples
 
-    def _run_unet(self, own_cond: list[TextBatch], merged_cond: list[TextBatch]) -> StageResult:
-        samples: dict[int, list[tuple[int, LatentSample]]] = {}
+    def _run_unet(self, own_cond: list[list[Conditioning]], merged_cond: list[list[Conditioning]]) -> StageResult:
+        samples: dict[int, Samples] = {}
 
-        def single(i: int, session: HookSession, state: HookState) -> None:
-            key = self.sample_keys[i] if self.sample_keys else None
-            if key is not None and key in self.sample_cache:
-                samples[i] = self.sample_cache[key]
-                self.log(f"[unet] concept {i + 1}: reusing its {len(samples[i])} cached samples")
-                self._replay(i, session, state, samples[i], [own_cond[i]], "own samples")
+        def denoise(i: int, iteration: int, session: HookSession, state: HookState) -> None:
+            if iteration == 0:
+                key = self.sample_keys[i] if self.sample_keys else None
+                if key is not None and key in self.sample_cache:
+                    samples[i] = self.sample_cache[key]
+                    self.log(f"[unet] concept {i + 1}: reusing its {len(samples[i])} cached samples")
+                else:
+                    samples[i] = self._sample(i, session, own_cond[i])
+                    if key is not None:
+                        self.sample_cache[key] = samples[i]
+                self._replay(i, session, state, samples[i], own_cond[i], "own samples")
             else:
-                samples[i] = self._sample(i, session, state, own_cond[i])
-                if key is not None:
-                    self.sample_cache[key] = samples[i]
-
-        def paired(i: int, session: HookSession, state: HookState) -> None:
-            self._replay(i, session, state, samples[i], [own_cond[i], merged_cond[i]], "iteration")
+                self._replay(i, session, state, samples[i], merged_cond[i], "iteration")
 
         keep = self.sampling.kept_steps()
         self.log(f"[unet] merging {len(self.unet_layers)} layers of {len(self.concepts)} concepts; "
                  f"{len(self.trajectories(self.concepts[0]))} trajectories per concept, "
                  f"{len(keep)} kept timesteps each")
-        result = self._iterate("unet", self.unet_layers, self.backend.roots(UNET), single, paired)
+        result = self._iterate("unet", self.unet_layers, self.backend.roots(UNET), denoise)
         result.samples = sum(len(v) for v in samples.values())
         return result

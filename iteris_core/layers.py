@@ -19,10 +19,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
-UNET = "unet"
+UNET = "unet"  # the denoiser, whatever it is (a UNet, or a DiT in ComfyUI's models)
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
 COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET)  # DAG order: text encoders feed the UNet
+
+
+def component_order(component: str) -> tuple[int, int, str]:
+    """Sort key that puts text encoders (the diffusers names first, then any other, such as
+    ComfyUI's ``clip_l`` or ``t5xxl``) before the denoiser, which reads their output."""
+    known = COMPONENTS.index(component) if component in COMPONENTS else len(COMPONENTS) - 1
+    return (component == UNET, known, component)
 
 LayerKind = Literal["linear", "conv"]
 
@@ -188,8 +195,11 @@ class LayerTable:
     """The target layers of one base model, with the aliases that LoRA files use for them."""
 
     layers: dict[str, LayerInfo]
-    architecture: str = "custom"            # "sd1", "sd2", "sdxl" or "custom"
+    architecture: str = "custom"            # the family: "sd1", "sd2", "sdxl", "flux_dev", ... or "custom"
     unet_layers_per_block: int | None = None
+    # module key to write for a layer, where the backend knows its loaders' spelling (ComfyUI's
+    # key map); other layers are written in kohya naming by the writer
+    file_keys: dict[str, str] = field(default_factory=dict)
     _aliases: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -207,8 +217,7 @@ class LayerTable:
 
     @property
     def components(self) -> list[str]:
-        present = {info.component for info in self.layers.values()}
-        return [c for c in COMPONENTS if c in present]
+        return sorted({info.component for info in self.layers.values()}, key=component_order)
 
     def in_component(self, component: str) -> dict[str, LayerInfo]:
         return {n: i for n, i in self.layers.items() if i.component == component}
@@ -235,7 +244,7 @@ class LayerTable:
                 if ldm is not None:
                     spellings |= {"lora_unet_" + ldm.replace(".", "_"), "diffusion_model." + ldm,
                                   "model.diffusion_model." + ldm}
-            else:
+            elif component in _KOHYA_TE_PREFIX:
                 short = path.removeprefix("text_model.")  # transformers-5 spelling
                 spellings.add(f"{component}.{short}")
                 # a bare lora_te_ means the first encoder, on SDXL too (ComfyUI and diffusers agree)
@@ -260,22 +269,18 @@ class LayerTable:
         return len(self.layers)
 
 
-def guess_architecture(context_dims: set[int], text_widths: set[int]) -> str | None:
-    """Name the Stable Diffusion family that a LoRA's shapes point to, for error messages:
-    the cross-attention context width (attn2.to_k input) and text encoder hidden widths."""
-    if 2048 in context_dims or 1280 in text_widths:
-        return "SDXL"
-    if 1024 in context_dims or 1024 in text_widths:
-        return "SD2.x"
-    if 768 in context_dims or (768 in text_widths and not context_dims):
-        return "SD1.x"
-    return None
-
-
 _SHARED_INPUT = [
-    # self-attention q/k/v read the same hidden states
+    # self-attention q/k/v read the same hidden states (SD's attn1; CLIP, Qwen and Llama text
+    # encoders; T5; Qwen-Image's image and text streams)
     (re.compile(r"(?P<base>.+\.attn1)\.to_[qkv]$"), "{base}.<input>"),
     (re.compile(r"(?P<base>.+\.self_attn)\.[qkv]_proj$"), "{base}.<input>"),
+    (re.compile(r"(?P<base>.+\.SelfAttention)\.[qkv]$"), "{base}.<input>"),
+    (re.compile(r"(?P<base>unet\..+\.attn)\.to_[qkv]$"), "{base}.<image input>"),
+    (re.compile(r"(?P<base>unet\..+\.attn)\.add_[qkv]_proj$"), "{base}.<text input>"),
+    # gated MLPs: the gate and the up projection read the same input (Llama/Qwen, T5, Z-Image)
+    (re.compile(r"(?P<base>.+\.mlp)\.(gate|up)_proj$"), "{base}.<input>"),
+    (re.compile(r"(?P<base>.+\.DenseReluDense)\.wi_[01]$"), "{base}.<input>"),
+    (re.compile(r"(?P<base>unet\..+\.feed_forward)\.w[13]$"), "{base}.<input>"),
     # every cross-attention k/v of the UNet reads the same text context
     (re.compile(r"unet\..+\.attn2\.to_[kv]$"), "unet.<text context>"),
 ]

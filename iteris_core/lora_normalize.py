@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from .errors import BaseModelMismatchError, LoraFormatError
-from .layers import TEXT_ENCODER, TEXT_ENCODER_2, UNET, LayerInfo, LayerTable, guess_architecture
+from .families import sd_version_from_widths
+from .layers import TEXT_ENCODER, TEXT_ENCODER_2, UNET, LayerInfo, LayerTable
 from .lora_formats import ParsedLora, RawModule, parse_lora
 from .lora_io import LoraFile, read_lora_file
 from .low_rank import LowRankDelta, compress, factorize_exact
@@ -99,7 +100,7 @@ def _widths(modules: list[RawModule]) -> tuple[set[int], set[int]]:
 
 def _base_mismatch_hint(modules: list[RawModule], table: LayerTable) -> str:
     context, text = _widths(modules)
-    lora_arch = guess_architecture(context, text)
+    lora_arch = sd_version_from_widths(context, text)
     base = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}.get(table.architecture)
     if lora_arch and base and lora_arch != base:
         return f"; this LoRA looks made for {lora_arch} but the base model is {base}"

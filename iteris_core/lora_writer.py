@@ -24,8 +24,11 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 def kohya_module_key(name: str, table: LayerTable) -> str:
-    """kohya spelling of a canonical layer name. SDXL UNet layers use the SGM/LDM block paths, as
-    kohya's SDXL trainer writes them (diffusers maps SDXL's added-embedding layers only so)."""
+    """The module key a layer is written under: the table's own spelling where its backend gave one
+    (ComfyUI's key map), else kohya's. SDXL UNet layers use the SGM/LDM block paths, as kohya's
+    SDXL trainer writes them (diffusers maps SDXL's added-embedding layers only so)."""
+    if name in table.file_keys:
+        return table.file_keys[name]
     component, _, path = name.partition(".")
     two_text_encoders = TEXT_ENCODER_2 in table.components
     flat = path.replace(".", "_")

@@ -5,8 +5,9 @@ per distinct layer input), both symmetric and stored as upper triangles, plus a 
 input for the (non-symmetric) cross term from iteration 1 unless its norm is probed,
 reused for every concept; the small per-concept products and factors, and a work matrix per input
 width (with, for packed storage, its triangle index) counted with them. Weights are the model's
-own parameter bytes. Activations are an analytical estimate of one paired batch's UNet forward
+own parameter bytes. Activations are an analytical estimate of one batch's UNet forward
 (the largest forward the merge makes), checked against measured peaks by ``bench/speed.py``.
+The concepts' own-side projections that iterations reuse are kept in host memory and counted there.
 
 Placements, tried in order until one fits the free memory of the device:
 1. everything next to the activations, cross norms exact;
@@ -90,7 +91,7 @@ class MemoryPlan:
     device: str
     placement: Placement
     model_gb: float
-    activations_gb: float       # one paired batch's forward (estimate)
+    activations_gb: float       # the largest batch's forward (estimate)
     systems_gb: float           # the largest stage's, like the rest
     scratch_gb: float
     cross_gb: float             # exact cross sums, or their probes
@@ -136,12 +137,12 @@ def unet_activation_bytes(latent_tokens: int, base_channels: int, rows: int, hea
 
 def activation_estimate(table, height: int, width: int, batch_size: int, guidance: float, dtype: torch.dtype,
                         device_type: str) -> int:
-    """Activation bytes of the largest forward a merge makes: a paired batch of ``batch_size``
-    samples (twice, for CFG's two conditionings) through the UNet at ``height x width`` pixels.
-    The CPU's attention materialises its score matrices; CUDA's fused attention does not."""
+    """Activation bytes of the largest forward a merge makes: ``batch_size`` samples (twice, for
+    CFG's two conditionings) through the UNet at ``height x width`` pixels. The CPU's attention
+    materialises its score matrices; CUDA's fused attention does not."""
     first = next((info for name, info in table.layers.items() if name.startswith("unet.")), None)
     tokens = (height // 8) * (width // 8)
-    rows = 2 * batch_size * (2 if guidance > 1 else 1)
+    rows = batch_size * (2 if guidance > 1 else 1)
     return unet_activation_bytes(tokens, first.out_features if first else 320, rows, 8 * tokens * tokens,
                                  torch.finfo(dtype).bits // 8, attention_materialised=device_type == "cpu")
 

@@ -43,10 +43,13 @@ class SamplingSettings:
     """How the samples that feed the statistics are made.
 
     For each concept, every prompt is sampled with ``samples_per_prompt`` seeds by the concept's
-    own LoRA model for ``steps`` sampler steps (Euler, classifier-free guidance ``guidance``); the
-    latents at ``timesteps`` evenly spread points of that trajectory are kept and reused, unchanged,
-    in every IterIS iteration. A UNet sample is one kept latent with the prompt's conditioning
-    (and one with the negative prompt, since the sampler uses both).
+    own LoRA model for ``steps`` steps of ``sampler`` on ``scheduler``'s noise levels (names as in
+    ComfyUI's KSampler; the diffusers backend has Euler on the normal schedule), with
+    classifier-free guidance ``guidance`` (KSampler's cfg; 1 or less: none) and, for
+    guidance-distilled models (Flux.1 dev), the embedded ``distilled_guidance``; the latents at
+    ``timesteps`` evenly spread points of that trajectory are kept and reused, unchanged, in every
+    IterIS iteration. A UNet sample is one kept latent with the prompt's conditioning (and one with
+    the negative prompt when the sampler uses both).
     """
 
     samples_per_prompt: int = 2
@@ -56,7 +59,10 @@ class SamplingSettings:
     width: int | None = None    # None: the model's native resolution (512 for SD1.x, 1024 for SDXL)
     height: int | None = None
     seed: int = 0
-    batch_size: int = 4         # UNet samples per forward (each is run twice in a paired batch)
+    batch_size: int = 4         # UNet samples per forward
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    distilled_guidance: float | None = None   # Flux.1 dev's guidance embedding (FluxGuidance)
 
     def __post_init__(self) -> None:
         _check(self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
@@ -65,9 +71,16 @@ class SamplingSettings:
                f"timesteps must be between 1 and steps ({self.steps}), got {self.timesteps}")
         _check(self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.distilled_guidance is None or self.distilled_guidance >= 0,
+               f"distilled_guidance must be >= 0, got {self.distilled_guidance}")
         for side, value in (("width", self.width), ("height", self.height)):
             _check(value is None or (value >= 64 and value % 8 == 0),
                    f"{side} must be a multiple of 8 and >= 64, got {value}")
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether the sampler also runs the negative prompt (classifier-free guidance)."""
+        return self.guidance > 1.0
 
     def kept_steps(self) -> list[int]:
         """Indices (0-based, into the sampler's steps) of the latents kept as samples: evenly
@@ -91,9 +104,10 @@ class MergeSettings:
     ties_density: float = 0.2     # TIES: fraction of each delta's entries kept
     max_full_dim: int = 5120      # layers with a wider input are solved in the LoRAs' row space
     max_tokens_per_sample: int | None = None  # spatial token sub-sampling for the statistics
-    # The ridge on the cross term scales with ||X Xt^T||_F. Exact: one more d x d sum per layer input
-    # in every paired pass; otherwise an unbiased estimate from 32 random probes (much cheaper; the
-    # ridge is 1e-4 of the Gram's scale, so the merge moves by ~1e-4 relative).
+    # The ridge on the cross term scales with ||X Xt^T||_F. Exact: iteration 0 keeps the concepts'
+    # own layer inputs X (host memory, as large as the activations) and each later pass sums Xt^T X;
+    # otherwise an unbiased estimate from 32 random probes X G (much cheaper; the ridge is 1e-4 of
+    # the Gram's scale, so the merge moves by ~1e-4 relative).
     exact_cross_norm: bool = False
     merge_text_encoder: bool = True
     merge_unet: bool = True

@@ -62,25 +62,31 @@ class ChainBackend:
     def weights_bytes(self, component):
         return sum(p.numel() * 4 for p in self.chain.parameters()) if component == "unet" else 0
 
+    def activation_bytes(self, settings):
+        return 0
+
+    def read_lora(self, lora):
+        raise NotImplementedError("chain tests pass NormalizedLora objects")
+
+    def prompt_mean(self, prompt: str) -> torch.Tensor:
+        seed = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+        return torch.randn(self.width, generator=torch.Generator().manual_seed(seed))
+
     def encode_text(self, prompts):
-        means = []
-        for prompt in prompts:
-            seed = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
-            means.append(torch.randn(self.width, generator=torch.Generator().manual_seed(seed)))
-        return TextBatch({"mean": torch.stack(means)})
+        return [TextBatch({"mean": self.prompt_mean(p)[None]}) for p in prompts]
 
     def inputs(self, mean: torch.Tensor, seed: int) -> torch.Tensor:
         noise = torch.randn(self.tokens, self.width, generator=torch.Generator().manual_seed(seed))
         return mean + noise
 
-    def sample(self, cond, uncond, seeds, settings, keep_steps, on_step):
-        x = torch.stack([self.inputs(cond.tensors["mean"][j], int(s)) for j, s in enumerate(seeds)])
+    def sample(self, positive, negative, seeds, settings, keep_steps, on_step):
+        x = torch.stack([self.inputs(positive.tensors["mean"][0], int(s)) for s in seeds])
         on_step(0)
         self.chain(x)
         return [[LatentSample(x[j].clone(), torch.tensor(0.0), 0)] for j in range(len(seeds))]
 
-    def denoise(self, latents, timesteps, cond):
-        self.chain(latents)
+    def replay(self, positive, negative, samples, settings):
+        self.chain(torch.stack([s.latent for s in samples]))
 
     # brute force helpers ----------------------------------------------------------------------
     @torch.no_grad()

@@ -25,9 +25,8 @@ def _merge(backend, concepts, **settings):
 
 def _samples(backend, concept: Concept) -> torch.Tensor:
     """The samples the loop draws for a concept (same seeds as IterisLoop.trajectories)."""
-    means = backend.encode_text(concept.prompts).tensors["mean"]
     s = SAMPLING
-    return torch.stack([backend.inputs(means[p], s.seed + p * s.samples_per_prompt + k)
+    return torch.stack([backend.inputs(backend.prompt_mean(concept.prompts[p]), s.seed + p * s.samples_per_prompt + k)
                         for p in range(len(concept.prompts)) for k in range(s.samples_per_prompt)])
 
 

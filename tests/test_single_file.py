@@ -52,7 +52,7 @@ def test_text_encoder_matches_comfyui(single_file_backend, comfy_parts):
     _, clip = comfy_parts
     prompt = "a photo of sks dog on the beach"
     with torch.no_grad():
-        ours = single_file_backend.encode_text([prompt]).tensors["encoder_hidden_states"]
+        ours = single_file_backend.encode_text([prompt])[0].tensors["encoder_hidden_states"]
         theirs, _pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
     assert ours.shape == theirs.shape
     assert torch.allclose(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2), float((ours - theirs).abs().max())

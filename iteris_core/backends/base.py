@@ -1,20 +1,28 @@
 """The model side of a merge, as an interface: diffusers and ComfyUI models plug in here.
 
-A backend exposes its target layers (canonical names, torch modules) and runs its model: the text
-encoders on prompts, the sampler along a trajectory, and single UNet forwards on stored samples.
-It never applies adapters itself: the engine's hooks do, per batch half, so the backend must keep
-the rows of a batch in the order it was given (no reordering, no splitting into halves).
+A backend exposes its target layers (canonical names, torch modules), reads LoRA files onto them,
+and runs its model: the text encoders on prompts, the sampler along a trajectory, and replays of
+stored samples. It never applies adapters itself: the engine's hooks do, on every row of a pass.
+
+One rule makes iterations cheap (see :mod:`iteris_core.adapter_hooks`): given the same inputs, a
+backend's :meth:`~ModelBackend.encode_text` and :meth:`~ModelBackend.replay` make the same module
+calls in the same order, with the same rows, every time; the engine checks it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from ..layers import LayerTable
+from ..lora_io import LoraFile
+from ..lora_normalize import NormalizedLora, load_lora
 from ..settings import SamplingSettings
+
+Conditioning = Any
+"""One prompt's text conditioning, as its backend makes and reads it (kept on the CPU)."""
 
 
 @dataclass
@@ -57,7 +65,7 @@ StepCallback = Callable[[int], None]
 class ModelBackend(Protocol):
     """What the engine needs from a base model."""
 
-    architecture: str           # "sd1", "sd2", "sdxl" or "custom"
+    architecture: str           # the family: "sd1", "sd2", "sdxl", "flux_dev", ... or "custom"
     device: torch.device        # where forwards run
     dtype: torch.dtype          # forward dtype (statistics are always fp32)
 
@@ -73,23 +81,31 @@ class ModelBackend(Protocol):
     def base_weight(self, name: str) -> torch.Tensor:
         """A layer's base weight (fp32, CPU), for adapters that depend on it (DoRA)."""
 
-    def encode_text(self, prompts: Sequence[str]) -> TextBatch:
-        """Run the text encoder(s) on ``prompts`` (one batch, rows in order)."""
+    def read_lora(self, lora: LoraFile) -> NormalizedLora:
+        """The LoRA placed on this model's layers, at strength 1; errors name the file and a key."""
 
-    def sample(self, cond: TextBatch, uncond: TextBatch, seeds: Sequence[int], settings: SamplingSettings,
-               keep_steps: Sequence[int], on_step: StepCallback) -> list[list[LatentSample]]:
-        """Sample ``len(seeds)`` trajectories (row ``j`` of ``cond``/``uncond`` with ``seeds[j]``)
-        with classifier-free guidance, calling ``on_step(k)`` before the UNet call of step ``k``,
-        and return each trajectory's samples at ``keep_steps``."""
+    def encode_text(self, prompts: Sequence[str]) -> list[Conditioning]:
+        """Each prompt's conditioning, in order."""
 
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextBatch) -> None:
-        """One UNet forward on a batch (rows of ``latents``, ``timesteps`` and ``cond`` aligned)."""
+    def sample(self, positive: Conditioning, negative: Conditioning | None, seeds: Sequence[int],
+               settings: SamplingSettings, keep_steps: Sequence[int], on_step: StepCallback) -> list[list[LatentSample]]:
+        """Sample ``len(seeds)`` trajectories of one prompt (``negative`` is None without
+        classifier-free guidance), calling ``on_step(k)`` at every step ``k``, and return each
+        trajectory's samples at ``keep_steps``."""
+
+    def replay(self, positive: Conditioning, negative: Conditioning | None, samples: Sequence[LatentSample],
+               settings: SamplingSettings) -> None:
+        """Run the denoiser once on each stored sample of one prompt (one batch), as the sampler
+        did at that step (with the negative prompt too under guidance)."""
 
     def resolution(self, settings: SamplingSettings) -> tuple[int, int]:
         """(height, width) in pixels that samples are made at: the settings', or the model's own."""
 
     def weights_bytes(self, component: str) -> int:
         """Bytes of the component's weights on the device (for the memory plan)."""
+
+    def activation_bytes(self, settings: SamplingSettings) -> int:
+        """Bytes of live activations of the largest forward the merge makes (for the memory plan)."""
 
 
 class ModuleTableMixin:
@@ -107,3 +123,7 @@ class ModuleTableMixin:
 
     def base_weight(self, name: str) -> torch.Tensor:
         return self._modules[name].weight.detach().float().cpu()
+
+    def read_lora(self, lora: LoraFile) -> NormalizedLora:
+        """The engine's own readers (every format in :mod:`~iteris_core.lora_formats`)."""
+        return load_lora(lora, self._table, self.base_weight)

@@ -14,8 +14,9 @@ from typing import Sequence
 
 import torch
 
-from ..errors import IterisError
+from ..errors import IterisError, SettingsError
 from ..layers import TEXT_ENCODER, TEXT_ENCODER_2, UNET, LayerTable
+from ..memory import activation_estimate
 from ..settings import SamplingSettings
 from .base import LatentSample, ModuleTableMixin, StepCallback, TextBatch
 
@@ -97,14 +98,18 @@ class DiffusersBackend(ModuleTableMixin):
                         return_tensors="pt").input_ids
         return ids.to(self.device)
 
-    def encode_text(self, prompts: Sequence[str]) -> TextBatch:
+    def encode_text(self, prompts: Sequence[str]) -> list[TextBatch]:
+        """One batch through the encoder(s), split into one-row conditionings (on the CPU)."""
         if not self.sdxl:
             hidden = self.text_encoder(self._tokens(self.tokenizer, prompts))[0]
-            return TextBatch({"encoder_hidden_states": hidden})
-        out_1 = self.text_encoder(self._tokens(self.tokenizer, prompts), output_hidden_states=True)
-        out_2 = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts), output_hidden_states=True)
-        hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
-        return TextBatch({"encoder_hidden_states": hidden, "text_embeds": out_2.text_embeds})
+            batch = TextBatch({"encoder_hidden_states": hidden})
+        else:
+            out_1 = self.text_encoder(self._tokens(self.tokenizer, prompts), output_hidden_states=True)
+            out_2 = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts), output_hidden_states=True)
+            hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+            batch = TextBatch({"encoder_hidden_states": hidden, "text_embeds": out_2.text_embeds})
+        batch = batch.to("cpu")
+        return [batch.select([row]) for row in range(len(prompts))]
 
     def resolution(self, settings: SamplingSettings) -> tuple[int, int]:
         native = self.unet.config.sample_size * 8
@@ -123,17 +128,28 @@ class DiffusersBackend(ModuleTableMixin):
         return self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=hidden,
                          added_cond_kwargs=self._added_conditioning(cond, height, width)).sample
 
-    def sample(self, cond: TextBatch, uncond: TextBatch, seeds: Sequence[int], settings: SamplingSettings,
+    def activation_bytes(self, settings: SamplingSettings) -> int:
+        height, width = self.resolution(settings)
+        return activation_estimate(self._table, height, width, settings.batch_size, settings.guidance, self.dtype,
+                                   self.device.type)
+
+    def sample(self, positive: TextBatch, negative: TextBatch | None, seeds: Sequence[int], settings: SamplingSettings,
                keep_steps: Sequence[int], on_step: StepCallback) -> list[list[LatentSample]]:
         from diffusers import EulerDiscreteScheduler
 
+        if (settings.sampler, settings.scheduler) != ("euler", "normal"):
+            raise SettingsError(f"the diffusers backend samples with euler on the normal schedule, not "
+                                f"{settings.sampler} / {settings.scheduler}")
+        rows = len(seeds)
+        cond = TextBatch.cat([positive] * rows)
+        uncond = None if negative is None else TextBatch.cat([negative] * rows)
         scheduler = EulerDiscreteScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(settings.steps, device=self.device)
         height, width = self.resolution(settings)
         shape = (4, height // 8, width // 8)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         latents = noise.to(self.device, torch.float32) * scheduler.init_noise_sigma
-        use_cfg = settings.guidance > 1.0
+        use_cfg = uncond is not None
         both = TextBatch.cat([uncond, cond]) if use_cfg else cond
         kept: list[list[LatentSample]] = [[] for _ in seeds]
         for step, t in enumerate(scheduler.timesteps):
@@ -151,8 +167,15 @@ class DiffusersBackend(ModuleTableMixin):
             latents = scheduler.step(prediction, t, latents).prev_sample
         return kept
 
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextBatch) -> None:
-        self.predict_noise(latents, timesteps, cond)
+    def replay(self, positive: TextBatch, negative: TextBatch | None, samples: Sequence[LatentSample],
+               settings: SamplingSettings) -> None:
+        """One UNet call on the samples: rows [negative..., positive...] under guidance, as the
+        sampler batched them."""
+        latents = torch.stack([s.latent for s in samples])
+        timesteps = torch.stack([s.timestep for s in samples])
+        conds = [positive] if negative is None else [negative, positive]
+        cond = TextBatch.cat([c for c in conds for _ in samples])
+        self.predict_noise(latents.repeat(len(conds), *[1] * (latents.dim() - 1)), timesteps.repeat(len(conds)), cond)
 
     def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextBatch) -> torch.Tensor:
         """The UNet's prediction for ``latents`` at ``timesteps`` (one per row) under ``cond``."""
