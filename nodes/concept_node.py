@@ -8,8 +8,8 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ..iteris_core.errors import IterisError
-from ..iteris_core.lora_formats import parse_lora
 from ..iteris_core.lora_io import read_lora_file
+from .comfy_lora import check_adapter_file
 from .types import Concepts, ConceptSpec, split_prompts
 
 STRENGTH_RANGE = (-10.0, 10.0)
@@ -86,7 +86,7 @@ class IterisLoraConcept(io.ComfyNode):
         if not prompt_list:
             raise IterisError(f"LoRA '{lora_name}': write at least one prompt that shows its concept")
         lora = read_lora_file(path)
-        parse_lora(lora)   # refuse unknown layouts here, next to the file that has them
+        check_adapter_file(lora)
         spec = ConceptSpec(lora_name, lora.sha256, float(strength_model), float(strength_clip), prompt_list,
                            (negative_prompt or "").strip(), lora)
         return io.NodeOutput(tuple(previous or ()) + (spec,))

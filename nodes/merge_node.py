@@ -5,25 +5,27 @@ from __future__ import annotations
 import logging
 
 import comfy.lora
+import comfy.samplers
 import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..iteris_core.api import Concept, merge_loras
 from ..iteris_core.errors import IterisError, SettingsError
-from ..iteris_core.lora_writer import MergedLora
+from ..iteris_core.families import Family
 from ..iteris_core.settings import MergeSettings, Method, SamplingSettings
 from . import cache
-from .comfy_backend import ComfyBackend, fingerprint
+from .comfy_backend import ComfyBackend, family_of, fingerprint
 from .progress import NodeProgress, comfy_interrupts, should_stop
 from .types import Concepts, LoraDict
 
 # widget -> (default, min, max): checked again in validate_inputs, which disables ComfyUI's own check
 RANGES = {
-    "iterations": (3, 0, 50), "samples_per_prompt": (2, 1, 64), "timesteps": (4, 1, 100), "steps": (20, 1, 200),
+    "iterations": (3, 0, 50), "samples_per_prompt": (2, 1, 64), "timesteps": (4, 1, 100), "steps": (0, 0, 200),
     "seed": (0, 0, 0xFFFFFFFF), "rank": (0, 0, 4096), "width": (0, 0, 8192), "height": (0, 0, 8192),
     "batch_size": (4, 1, 64), "max_tokens": (0, 0, 65536),
-    "regularization": (1e-4, 0.0, 1.0), "cfg": (7.5, 1.0, 30.0),
+    "regularization": (1e-4, 0.0, 1.0), "cfg": (0.0, 0.0, 30.0), "guidance": (0.0, 0.0, 100.0),
 }
+DEFAULT = "default"   # sampler / scheduler: what a user of the model's family would pick
 
 
 def _int(name: str, tooltip: str, **extra) -> io.Int.Input:
@@ -65,8 +67,9 @@ class IterisMergeLoras(io.ComfyNode):
                         "what that concept's LoRA does; the solve is repeated on the merged model's own inputs. "
                         "Outputs MODEL and CLIP with the merged LoRA applied, the LoRA itself and a report.",
             inputs=[
-                io.Model.Input("model", tooltip="The base model the LoRAs were trained for (SD1.x, SD2.x or SDXL)."),
-                io.Clip.Input("clip", tooltip="Its CLIP text encoder."),
+                io.Model.Input("model", tooltip="The base model the LoRAs were trained for (SD1.x, SD2.x, SDXL, "
+                                                "Flux.1, Chroma, SD3.5, Z-Image, Qwen-Image ...)."),
+                io.Clip.Input("clip", tooltip="Its text encoder(s), as the model's CLIP loader gives them."),
                 Concepts.Input("concepts", tooltip="The LoRAs to merge, from LoRA Concept (IterIS) nodes."),
                 # merge settings first: changing only these reuses the concepts' samples
                 io.Combo.Input("method", options=[m.value for m in Method], default=Method.ITERIS.value,
@@ -91,17 +94,30 @@ class IterisMergeLoras(io.ComfyNode):
                      display_name="samples per prompt"),
                 _int("timesteps", "Points kept along each sampled trajectory; the statistics come from these.",
                      display_name="kept timesteps"),
-                _int("steps", "Euler steps used to sample each concept's own trajectories.",
-                     display_name="sample steps"),
-                io.Float.Input("cfg", default=RANGES["cfg"][0], min=1.0, max=30.0, step=0.1,
-                               display_name="sample cfg", tooltip="Guidance of those trajectories (as in KSampler)."),
+                _int("steps", "Sampler steps of each concept's own trajectories; 0 = the family's usual "
+                              "number (20; 4 for Flux.1 schnell, 8 for Z-Image).", display_name="sample steps"),
+                io.Combo.Input("sampler", options=[DEFAULT] + list(comfy.samplers.KSampler.SAMPLERS), default=DEFAULT,
+                               display_name="sample sampler",
+                               tooltip="KSampler's sampler for those trajectories; default: euler."),
+                io.Combo.Input("scheduler", options=[DEFAULT] + list(comfy.samplers.KSampler.SCHEDULERS),
+                               default=DEFAULT, display_name="sample scheduler",
+                               tooltip="KSampler's scheduler; default: the family's (normal for SD, simple for "
+                                       "Flux.1, Chroma, Z-Image and Qwen-Image, sgm_uniform for SD3)."),
+                io.Float.Input("cfg", default=RANGES["cfg"][0], min=0.0, max=30.0, step=0.1, display_name="sample cfg",
+                               tooltip="KSampler's cfg for those trajectories; 0 = the family's usual value (7.5 "
+                                       "for SD, 1 for Flux.1 and Z-Image Turbo, 4 for Chroma, 4.5 for SD3.5, 2.5 "
+                                       "for Qwen-Image). 1 runs no negative prompt."),
+                io.Float.Input("guidance", default=RANGES["guidance"][0], min=0.0, max=100.0, step=0.1,
+                               display_name="sample guidance",
+                               tooltip="Guidance embedding of guidance-distilled models (FluxGuidance, Flux.1 "
+                                       "dev); 0 = the family's default (3.5). Other models ignore it."),
                 _int("seed", "First seed of the sampled trajectories (fixed: a new seed would sample again).",
                      display_name="sample seed", control_after_generate=False),
                 _int("width", "Width of the sampled images in pixels; 0 = the model's native size.", step=8,
                      display_name="sample width"),
                 _int("height", "Height of the sampled images in pixels; 0 = the model's native size.", step=8,
                      display_name="sample height"),
-                _int("batch_size", "Samples per forward pass (each runs twice, for the LoRA and for the merge). "
+                _int("batch_size", "Samples per forward pass (twice as many rows with a negative prompt). "
                                    "Lower it if memory runs out.", display_name="sample batch size"),
             ],
             outputs=[
@@ -116,15 +132,15 @@ class IterisMergeLoras(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, iterations, regularization, rank, max_tokens, samples_per_prompt, timesteps, steps, cfg,
-                        seed, width, height, batch_size) -> bool | str:
+                        guidance, seed, width, height, batch_size) -> bool | str:
         values = dict(iterations=iterations, regularization=regularization, samples_per_prompt=samples_per_prompt,
-                      timesteps=timesteps, steps=steps, cfg=cfg, seed=seed, rank=rank, width=width, height=height,
-                      batch_size=batch_size, max_tokens=max_tokens)
+                      timesteps=timesteps, steps=steps, cfg=cfg, guidance=guidance, seed=seed, rank=rank, width=width,
+                      height=height, batch_size=batch_size, max_tokens=max_tokens)
         for name, value in values.items():
             _default, low, high = RANGES[name]
             if value is not None and not low <= value <= high:
                 return f"{name} must be between {low:g} and {high:g}, got {value}"
-        if timesteps is not None and steps is not None and timesteps > steps:
+        if timesteps is not None and steps and timesteps > steps:
             return f"timesteps ({timesteps}) cannot exceed steps ({steps})"
         for side, value in (("width", width), ("height", height)):
             if value and value % 8:
@@ -132,22 +148,33 @@ class IterisMergeLoras(io.ComfyNode):
         return True
 
     @staticmethod
-    def settings(method, iterations, regularization, rank, merge_text_encoder, max_tokens, samples_per_prompt,
-                 timesteps, steps, cfg, seed, width, height, batch_size) -> MergeSettings:
+    def settings(family: Family, method, iterations, regularization, rank, merge_text_encoder, max_tokens,
+                 samples_per_prompt, timesteps, steps, sampler, scheduler, cfg, guidance, seed, width, height,
+                 batch_size) -> MergeSettings:
+        """Typed settings, the family's defaults standing in for the inputs left at "default" / 0."""
+        defaults = family.defaults
+        steps = steps or defaults.steps
+        if timesteps > steps:
+            raise SettingsError(f"timesteps ({timesteps}) cannot exceed the {steps} sample steps of {family.name}")
         sampling = SamplingSettings(samples_per_prompt=samples_per_prompt, timesteps=timesteps, steps=steps,
-                                    guidance=cfg, width=width or None, height=height or None, seed=seed,
-                                    batch_size=batch_size)
+                                    guidance=cfg or defaults.cfg, width=width or None, height=height or None,
+                                    seed=seed, batch_size=batch_size,
+                                    sampler=defaults.sampler if sampler == DEFAULT else sampler,
+                                    scheduler=defaults.scheduler if scheduler == DEFAULT else scheduler,
+                                    distilled_guidance=(guidance or defaults.guidance) if defaults.guidance else None)
         return MergeSettings(method=method, iterations=iterations, regularization=regularization, rank=rank or None,
                              merge_text_encoder=merge_text_encoder, max_tokens_per_sample=max_tokens or None,
                              sampling=sampling)
 
     @classmethod
     def execute(cls, model, clip, concepts, method, iterations, regularization, rank, merge_text_encoder, max_tokens,
-                samples_per_prompt, timesteps, steps, cfg, seed, width, height, batch_size) -> io.NodeOutput:
+                samples_per_prompt, timesteps, steps, sampler, scheduler, cfg, guidance, seed, width, height,
+                batch_size) -> io.NodeOutput:
         if not concepts:
             raise SettingsError("connect at least one LoRA Concept (IterIS) node to 'concepts'")
-        settings = cls.settings(method, iterations, regularization, rank, merge_text_encoder, max_tokens,
-                                samples_per_prompt, timesteps, steps, cfg, seed, width, height, batch_size)
+        settings = cls.settings(family_of(model), method, iterations, regularization, rank, merge_text_encoder,
+                                max_tokens, samples_per_prompt, timesteps, steps, sampler, scheduler, cfg, guidance,
+                                seed, width, height, batch_size)
         base_key = fingerprint(model, clip)
         key = (base_key, tuple(c.key() for c in concepts), settings)
         cached = cache.MERGES.get(key)
@@ -164,9 +191,6 @@ class IterisMergeLoras(io.ComfyNode):
                                      should_stop=should_stop, log=lambda m: logging.info("IterIS: %s", m),
                                      sample_cache=samples)
             merged, report = result.lora, result.report
-            if backend.truncated_prompts:
-                report.warnings.append(f"{len(backend.truncated_prompts)} prompt(s) longer than 75 tokens were "
-                                       "cut to their first 75 tokens for sampling")
             cache.MERGES.put(key, (merged, report))
         tensors = merged.state_dict(torch.float32)
         new_model, new_clip = apply_merged_lora(model, clip, tensors)

@@ -20,7 +20,7 @@ from iteris_core.lora_writer import MergedLora
 LAYERS = r"(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|ff\.net\.(0\.proj|2)|resnets\.0\.conv1|proj_in)$"
 FAST = {"method": "iteris", "iterations": 2, "regularization": 1e-4, "samples_per_prompt": 1, "timesteps": 2,
         "steps": 4, "cfg": 5.0, "seed": 0, "rank": 0, "width": 64, "height": 64, "batch_size": 2,
-        "merge_text_encoder": True, "max_tokens": 0}
+        "merge_text_encoder": True, "max_tokens": 0, "sampler": "default", "scheduler": "default", "guidance": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -275,38 +275,49 @@ def test_cancel_stops_the_merge_and_leaves_nothing(pack, loras, comfy_nodes, tin
     assert run_prompt(graph(loras, save_name="after_cancel"))[0]                   # and the next run works
 
 
-def test_real_samples_that_comfyui_loads_for_sd1_are_accepted(pack, loras, samples_dir):
-    """Every real file ComfyUI itself can load on SD1.x is accepted by the concept node and placed by the
-    engine on SD1.5's layers; the files ComfyUI cannot load either load here too (formats we read that it
-    does not) or are refused with a message naming the file."""
+def test_real_samples_are_read_as_comfyui_reads_them_or_refused(pack, loras, samples_dir):
+    """Every real file ComfyUI itself loads completely on SD1.x is accepted by the concept node and read
+    by the merge, each layer's delta exactly what ComfyUI's own formulas patch; every other file is
+    refused with a message naming it (by the concept node, or by the merge's reader)."""
     import comfy.lora
     import comfy.utils
     from comfy_fixtures import comfy_places_every_patch, comfy_sd15_key_map
-    from bench.full_size import full_size_tables
 
+    from iteris_core.families import family_by_id
+    from iteris_core.lora_io import read_lora_file
+
+    comfy_lora = pack["IterIS_MergeLoras"].__module__.rsplit(".", 1)[0] + ".comfy_lora"
+    reader = __import__(comfy_lora, fromlist=["read_lora"])
     folder, _ = loras
     key_map, shapes = comfy_sd15_key_map(with_shapes=True)
-    sd1 = full_size_tables()["sd1"]
     concept = pack["IterIS_LoraConcept"]
-    extra_formats = {"sd15_diffusers_lora_r4", "sd14_diffusers_lora_r4", "sd15inpaint_diffusers_lora_r4",
-                     "clip_l_peft_te_r8_sd15", "clip_l_peft_te_r8_sdxl_te1", "sd15_cloneofsimo_positional_r4_fp16",
-                     "sd15_cloneofsimo_positional_r1_tokens_fp32", "sd15inpaint_cloneofsimo_positional_r1_tokens_mixed"}
-    comfy_loads = set()
+    sd1 = family_by_id("sd1")
+
+    def zeros(key: str) -> torch.Tensor:
+        return torch.zeros(shapes[key])
+
+    read = set()
     for path in sorted(samples_dir.glob("*.safetensors")):
         shutil.copy(path, folder / path.name)
-        sidecar = path.with_name(path.stem + ".adapter_config.json")
-        if sidecar.exists():
-            shutil.copy(sidecar, folder / sidecar.name)
-        if comfy_places_every_patch(path, key_map, shapes):
-            comfy_loads.add(path.stem)
         try:
             concept.execute(path.name, 1.0, 1.0, "a photo of sks")
-            load_lora(folder / path.name, sd1)
+            normalized = reader.read_lora(read_lora_file(folder / path.name), key_map, zeros, sd1)
             accepted, message = True, ""
         except Exception as exc:          # noqa: BLE001 - the message is what is checked
             accepted, message = False, str(exc)
-        if path.stem in comfy_loads or path.stem in extra_formats:
+        if comfy_places_every_patch(path, key_map, shapes):
             assert accepted, (path.name, message)
+            read.add(path.stem)
+            patches = comfy.lora.load_lora(comfy.utils.load_torch_file(str(path), safe_load=True), key_map,
+                                           log_missing=False)
+            for key, patch in patches.items():
+                expected = comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], zeros(key), key)
+                layer = normalized.layers.get(reader.layer_name(key))
+                if layer is None:      # skipped as a zero delta: ComfyUI's patch changes nothing either
+                    assert not expected.any(), (path, key)
+                    continue
+                got = layer.dense().reshape(expected.shape)
+                assert (got - expected).norm() <= 1e-4 * expected.norm(), (path, key)
         else:
-            assert not accepted and path.name in message, path.name
-    assert {"sd15_kohya_lokr_r4_fp16", "sd15_diffusers_attnproc_r4"} <= comfy_loads
+            assert not accepted and path.name in message, (path.name, message)
+    assert {"sd15_kohya_lokr_r4_fp16", "sd15_diffusers_attnproc_r4"} <= read
