@@ -35,6 +35,9 @@ class NormalizedLora:
     sha256: str | None = None
     skipped: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    # layers whose change is not proportional to the strength (ComfyUI's OFT applies it twice):
+    # strength -> the layer's delta at that strength (None if zero)
+    at_strength_of: dict[str, Callable[[float], LowRankDelta | None]] = field(default_factory=dict)
 
     def components(self) -> set[str]:
         return {name.split(".", 1)[0] for name in self.layers}
@@ -47,8 +50,11 @@ class NormalizedLora:
         out = {}
         for name, delta in self.layers.items():
             strength = unet if name.startswith(UNET + ".") else text_encoder
-            if strength != 0:
-                out[name] = delta.scaled(strength)
+            if strength == 0:
+                continue
+            scaled = self.at_strength_of[name](strength) if name in self.at_strength_of else delta.scaled(strength)
+            if scaled is not None:
+                out[name] = scaled
         return out
 
 

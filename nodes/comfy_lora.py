@@ -22,6 +22,7 @@ errors that name the file and a key; nothing is dropped.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Callable
 
@@ -104,26 +105,57 @@ def _structured_delta(adapter) -> LowRankDelta | None:
     return None
 
 
-def _dense_delta(adapter, base: torch.Tensor, key: str) -> LowRankDelta | None:
-    """What ComfyUI's own formula changes on ``base`` (at strength 1: every adapter's change is
-    linear in it), factorised exactly."""
-    patched = adapter.calculate_weight(base.clone(), key, 1.0, 1.0, None, lambda a: a, torch.float32)
-    return factorize_exact(patched - base)
+class _ComfyErrors(logging.Handler):
+    """ComfyUI's weight adapters catch their own failures (a shape that does not fit), log
+    "ERROR <adapter> <key> ..." and change nothing: this collects those lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def dense_delta(adapter, base: torch.Tensor, key: str, strength: float = 1.0) -> LowRankDelta | None:
+    """What ComfyUI's own formula changes on ``base`` at ``strength`` (in fp32, as LoraLoader computes
+    it), factorised exactly; a failure ComfyUI only logs raises."""
+    errors = _ComfyErrors()
+    logging.getLogger().addHandler(errors)
+    try:
+        patched = adapter.calculate_weight(base.float().clone(), key, strength, 1.0, None, lambda a: a, torch.float32)
+    finally:
+        logging.getLogger().removeHandler(errors)
+    if errors.messages:
+        raise RuntimeError(errors.messages[0])
+    return factorize_exact(patched.double() - base.double())
 
 
 def adapter_delta(adapter, base: torch.Tensor, key: str) -> LowRankDelta | None:
-    """The adapter's change to the weight ``base`` (fp32, the slice it patches), None if zero."""
+    """The adapter's change to the weight ``base`` (fp32, the slice it patches) at strength 1,
+    None if zero."""
     structured = _structured_delta(adapter)
-    delta = structured if structured is not None else _dense_delta(adapter, base, key)
-    if delta is not None and structured is not None and not (structured.up.any() and structured.down.any()):
-        return None   # an untrained (all-zero) factor: no change
-    return delta
+    if structured is None:
+        return dense_delta(adapter, base, key)
+    return structured if (structured.up.any() and structured.down.any()) else None   # untrained: no change
 
 
 def _on_rows(delta: LowRankDelta, rows: int, start: int) -> LowRankDelta:
     """A delta of a row slice as a delta of the whole fused weight (zero outside the slice)."""
     up = torch.zeros(rows, delta.rank, dtype=delta.up.dtype)
     up[start:start + delta.out_features] = delta.up
+    return LowRankDelta(up, delta.down, delta.scale)
+
+
+def _rows_rearranged(delta: LowRankDelta, function, weight_key: str, source: str) -> LowRankDelta:
+    """The delta after the row rearrangement ComfyUI applies to a patch (its key map's third entry,
+    such as swapping the scale and shift halves of an adaLN weight): applied to the up matrix, which
+    equals applying it to the change only if it moves whole rows, which is checked."""
+    up = function(delta.up.clone())
+    probe = torch.randn(delta.rank, 3, dtype=delta.up.dtype)
+    if up.shape != delta.up.shape or not torch.allclose(function(delta.up @ probe), up @ probe, rtol=1e-5, atol=1e-6):
+        raise LoraFormatError(source, f"ComfyUI transforms its patch of {weight_key} in a way that has no "
+                              "low-rank form", weight_key)
     return LowRankDelta(up, delta.down, delta.scale)
 
 
@@ -141,7 +173,8 @@ def read_lora(lora: LoraFile, mapping: dict, weight_of: WeightOf, family: Family
     pieces: dict[str, list[LowRankDelta]] = {}
     skipped: list[str] = []
     for target, patch in patches.items():
-        weight_key, offset = (target, None) if isinstance(target, str) else target
+        # a key, or (key, row slice or None[, function]) as ModelPatcher.add_patches reads it
+        weight_key, offset, function = (target, None, None) if isinstance(target, str) else (*target, None)[:3]
         if not isinstance(patch, weight_adapter.WeightAdapterBase):
             raise LoraFormatError(lora.name, f"its {patch[0]!r} patch of {weight_key} has no low-rank form, so it "
                                   "cannot be merged (only LoRA, LoCon, LoHa, LoKr, DoRA and OFT adapters can)",
@@ -151,7 +184,10 @@ def read_lora(lora: LoraFile, mapping: dict, weight_of: WeightOf, family: Family
         if name is None:
             raise LoraFormatError(lora.name, f"it patches {weight_key}, which is not a layer weight",
                                   _first_key(tensors, weight_key, mapping))
-        base = weight_of(weight_key)
+        try:
+            base = weight_of(weight_key)
+        except KeyError:
+            raise mismatch(f"it patches {weight_key}, which this model does not have", ()) from None
         if offset is not None:
             dim, start, length = offset
             if dim != 0:
@@ -170,14 +206,43 @@ def read_lora(lora: LoraFile, mapping: dict, weight_of: WeightOf, family: Family
         if delta is None:
             skipped.append(f"{weight_key}: zero delta, nothing to merge")
             continue
-        pieces.setdefault(name, []).append(delta if offset is None else _on_rows(delta, base.shape[0], start))
+
+        def placed(piece: LowRankDelta | None, rows=base.shape[0], start=start, offset=offset, function=function,
+                   weight_key=weight_key) -> LowRankDelta | None:
+            if piece is not None and function is not None:   # ComfyUI's row rearrangement (swap_scale_shift)
+                piece = _rows_rearranged(piece, function, weight_key, lora.name)
+            return piece if piece is None or offset is None else _on_rows(piece, rows, start)
+
+        # ComfyUI's own formula, recomputed at each strength, where the change is not a plain
+        # product of factors (DoRA, OFT, ...): OFT's change is not proportional to the strength
+        remake = None if _structured_delta(patch) is not None else (
+            lambda strength, patch=patch, part=part, key=weight_key, placed=placed: placed(
+                dense_delta(patch, part, key, strength)))
+        pieces.setdefault(name, []).append((placed(delta), remake))
     unplaced = sorted(set(tensors) - loaded)
     if unplaced:
         raise mismatch(f"ComfyUI cannot place {len(unplaced)} of its {len(tensors)} keys on this model", unplaced)
     if not pieces:
         raise LoraFormatError(lora.name, "the LoRA changes no layer (every delta is zero)")
-    layers = {name: parts[0] if len(parts) == 1 else stack(parts) for name, parts in pieces.items()}
-    return NormalizedLora(lora.name, layers, sha256=lora.sha256, skipped=skipped, metadata=dict(lora.metadata))
+    layers = {name: _summed([delta for delta, _remake in parts]) for name, parts in pieces.items()}
+    at_strength_of = {name: _at_strength(parts) for name, parts in pieces.items()
+                      if any(remake is not None for _delta, remake in parts)}
+    return NormalizedLora(lora.name, layers, sha256=lora.sha256, skipped=skipped, metadata=dict(lora.metadata),
+                          at_strength_of=at_strength_of)
+
+
+def _summed(deltas: list[LowRankDelta | None]) -> LowRankDelta | None:
+    present = [d for d in deltas if d is not None]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else stack(present)
+
+
+def _at_strength(parts: list[tuple[LowRankDelta, Callable | None]]) -> Callable[[float], LowRankDelta | None]:
+    """A layer's delta at any strength: plain factors scaled, the others remade by ComfyUI's formula."""
+    def delta_at(strength: float) -> LowRankDelta | None:
+        return _summed([delta.scaled(strength) if remake is None else remake(strength) for delta, remake in parts])
+    return delta_at
 
 
 def _first_key(tensors: dict, weight_key: str, mapping: dict) -> str | None:
