@@ -57,52 +57,43 @@ def random_loras(table, count: int, rank: int, folder: Path) -> list[Path]:
 
 
 def forward_floor(backend, concepts, settings, text_passes: int, unet_passes: int) -> dict:
-    """The model calls a merge makes, made bare: the same encodes, the same sampled trajectories,
-    the same paired replay batches, with no hook and no statistics."""
-    from iteris_core.backends.base import TextBatch
-
+    """The model calls a merge makes, made bare through the same backend calls: the same encodes,
+    the same sampled trajectories, the same replays of the kept samples (one per stage pass: the
+    concept's own model at iteration 0, the merged model afterwards), with no hook and no statistics."""
     sampling = settings.sampling
-    cfg = sampling.guidance > 1
+    cfg = sampling.uses_cfg
     keep = sampling.kept_steps()
     times = {"text": 0.0, "sampling": 0.0, "replay": 0.0}
+
+    def text_samples(concept) -> list[str]:
+        return list(concept.prompts) + ([concept.negative_prompt] if cfg else [])
+
     with torch.no_grad():
         start = time.perf_counter()
-        conds = []
-        for _ in range(text_passes):               # iteration 0 single, later iterations paired
-            for i, concept in enumerate(concepts):
-                prompts = list(concept.prompts) + ([concept.negative_prompt] if cfg else [])
-                backend.encode_text(prompts if _ == 0 else prompts + prompts)
-        for concept in concepts:                   # each concept's merged conditioning
-            prompts = list(concept.prompts) + ([concept.negative_prompt] if cfg else [])
-            conds.append(backend.encode_text(prompts).to("cpu"))
+        for _ in range(text_passes):
+            for concept in concepts:
+                backend.encode_text(text_samples(concept))
+        conds = [backend.encode_text(text_samples(concept)) for concept in concepts]   # the merged conditioning
         times["text"] = time.perf_counter() - start
         samples = []
         start = time.perf_counter()
         for concept, cond in zip(concepts, conds):
             kept = []
-            trajectories = [(p, sampling.seed + p * sampling.samples_per_prompt + k)
-                            for p in range(len(concept.prompts)) for k in range(sampling.samples_per_prompt)]
-            for first in range(0, len(trajectories), sampling.batch_size):
-                chunk = trajectories[first:first + sampling.batch_size]
-                rows = [p for p, _ in chunk]
-                negative = [len(concept.prompts)] * len(rows)
-                out = backend.sample(cond.select(rows), cond.select(negative) if cfg else cond.select(rows),
-                                     [s for _, s in chunk], sampling, keep, lambda step: None)
-                kept += [(p, s) for (p, _), trajectory in zip(chunk, out) for s in trajectory]
+            for p in range(len(concept.prompts)):
+                seeds = [sampling.seed + p * sampling.samples_per_prompt + k for k in range(sampling.samples_per_prompt)]
+                for first in range(0, len(seeds), sampling.batch_size):
+                    out = backend.sample(cond[p], cond[-1] if cfg else None, seeds[first:first + sampling.batch_size],
+                                         sampling, keep, lambda step: None)
+                    kept.append((p, [s for trajectory in out for s in trajectory]))
             samples.append(kept)
         times["sampling"] = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(unet_passes):
-            for concept, cond, kept in zip(concepts, conds, samples):
-                for first in range(0, len(kept), sampling.batch_size):
-                    chunk = kept[first:first + sampling.batch_size]
-                    latents = torch.stack([s.latent for _, s in chunk])
-                    steps = torch.stack([s.timestep for _, s in chunk])
-                    prompts = [p for p, _ in chunk]
-                    rows = [len(concept.prompts)] * len(prompts) + prompts if cfg else prompts
-                    copies = 4 if cfg else 2
-                    backend.denoise(latents.repeat(copies, 1, 1, 1), steps.repeat(copies),
-                                    TextBatch.cat([cond.select(rows)] * 2))
+            for cond, kept in zip(conds, samples):
+                for p, stored in kept:
+                    for first in range(0, len(stored), sampling.batch_size):
+                        backend.replay(cond[p], cond[-1] if cfg else None, stored[first:first + sampling.batch_size],
+                                       sampling)
         times["replay"] = time.perf_counter() - start
     times["total"] = sum(times.values())
     return times
@@ -119,8 +110,8 @@ def warm_up(backend, settings) -> float:
     sampling = dataclasses.replace(settings.sampling, steps=1, timesteps=1)
     rows = sampling.batch_size
     with torch.no_grad():
-        cond = backend.encode_text(["warm up"] * rows).to("cpu")
-        backend.sample(cond, cond, list(range(rows)), sampling, [], lambda step: None)
+        cond = backend.encode_text(["warm up"])[0]
+        backend.sample(cond, cond if sampling.uses_cfg else None, list(range(rows)), sampling, [], lambda step: None)
     return time.perf_counter() - start
 
 
@@ -155,7 +146,7 @@ def measure_merge(backend, loras: list, prompts: list[list[str]], settings, repe
         if prepared is None:   # every run makes the same passes with the same LoRAs: load them once
             records = result.report.iterations
             text_passes = sum(1 for r in records if r.stage == "text")
-            unet_passes = sum(1 for r in records if r.stage == "unet") - 1
+            unet_passes = sum(1 for r in records if r.stage == "unet")   # iteration 0 replays too
             prepared = [_prepare(c, load_concept_lora(c, i, backend)) for i, c in enumerate(concepts)]
         floors.append(forward_floor(backend, prepared, settings, text_passes, unet_passes))
     total, report = min(merges, key=lambda m: m[0])

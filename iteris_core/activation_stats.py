@@ -153,6 +153,7 @@ class StageStatistics:
             self.group_members.setdefault(p.group, []).append(p.name)
         self.groups = {g: _Group(self.layers[m[0]].plan.info.input_dim) for g, m in self.group_members.items()}
         self.objective: dict[str, float] = {}   # lam-weighted residual of the incoming merged model
+        self.reached: set[str] = set()          # layer inputs some concept's samples ran
         self.seed = seed
         self._probes: dict[int, torch.Tensor] = {}
         # when memory is short, Gram sums and full-mode systems are kept as upper triangles only
@@ -314,8 +315,17 @@ class StageStatistics:
         for group_name, members in self.group_members.items():
             g = self.groups[group_name]
             if g.tokens == 0:
-                raise RuntimeError(f"no token reached layer input {group_name!r} while collecting concept "
-                                   f"{concept + 1}'s statistics")
+                # the concept's samples never ran these layers (a vision tower beside a text encoder):
+                # nothing of this concept to fold; a layer no concept reaches is left out of the merge
+                for name in members:
+                    if self.first_iteration:
+                        weights = self.weights.setdefault(name, LayerWeights())
+                        weights.lam.append(0.0)
+                        weights.target_energy.append(0.0)
+                    layer = self.layers[name]
+                    layer.numerator, layer.own_chunks, layer.output_energy, layer.residual = None, [], 0.0, 0.0
+                continue
+            self.reached.add(group_name)
             n = g.tokens
             if self.is_subspace_group(group_name):
                 root_k = PROBES ** 0.5
@@ -443,6 +453,11 @@ class StageStatistics:
             layer.token_weights, layer.token_terms, layer.shift = [], [], 0.0
 
     @property
+    def unreached_layers(self) -> list[str]:
+        """Layers that no concept's samples ran (left out of the merge)."""
+        return [name for name, layer in self.layers.items() if layer.plan.group not in self.reached]
+
+    @property
     def token_space_layers(self) -> list[str]:
         """Layers whose systems are (still) kept in token space."""
         return [name for group in self.token_groups for name in self.group_members[group]]
@@ -464,6 +479,8 @@ class StageStatistics:
         token_products: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, layer in self.layers.items():
             plan = layer.plan
+            if plan.group not in self.reached:
+                continue
             tokens = self.token_groups.get(plan.group)
             if tokens is not None:
                 if plan.group not in token_products:   # Z and Z Z^T, shared by the group's layers

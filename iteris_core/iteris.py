@@ -24,7 +24,7 @@ from .activation_stats import TOKEN_FRACTION, LayerPlan, LayerWeights, StageStat
 from .adapter_hooks import HookSession, HookState, OwnSideStore
 from .buffers import MatrixPool
 from .backends.base import Conditioning, LatentSample, ModelBackend
-from .errors import MergeInterrupted, SettingsError
+from .errors import IterisError, MergeInterrupted, SettingsError
 from .layers import UNET, LayerTable, input_group
 from .low_rank import LowRankDelta
 from .memory import Placement
@@ -68,6 +68,7 @@ class StageResult:
     converged: bool = False
     samples: int = 0                     # model inputs per concept (rows per pass)
     token_space_layers: list[str] = field(default_factory=list)   # solved through T x T systems
+    unreached_layers: list[str] = field(default_factory=list)     # never run by the samples: not merged
 
 
 def relative_change(new: LowRankDelta, old: LowRankDelta) -> float:
@@ -227,6 +228,10 @@ class IterisLoop:
                 if iteration == 0:
                     result.weights = stats.weights
                     result.token_space_layers = stats.token_space_layers
+                    result.unreached_layers = stats.unreached_layers
+                    if result.unreached_layers:
+                        self.log(f"[{stage}] {len(result.unreached_layers)} layers that the samples never run are left "
+                                 f"out of the merge, e.g. {result.unreached_layers[0]}")
                     self.log(f"[{stage}] {len(result.token_space_layers)} of {len(layers)} layers solved in token "
                              "space (fewer tokens than half their input width)")
                     if later:
@@ -238,6 +243,9 @@ class IterisLoop:
                 objective = stats.relative_objective()
                 tick = time.perf_counter()
                 merged = stats.solve()
+                if not merged:
+                    raise IterisError(f"none of the {len(layers)} {stage} layers the LoRAs change is run by the "
+                                      "concepts' samples: there is nothing to merge them on")
                 record = IterationRecord(stage, iteration, 0.0, passes_seconds=passes,
                                          solve_seconds=folding + time.perf_counter() - tick)
                 if iteration:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .families import family_by_id
 from .layers import TEXT_ENCODER, TEXT_ENCODER_2, UNET, LayerTable
 from .lora_io import atomic_write_safetensors
 from .low_rank import LowRankDelta
@@ -94,6 +95,12 @@ class MergedLora:
         meta = {"iteris_format": FORMAT_VERSION,
                 "iteris_ranks": json.dumps(self.ranks(), sort_keys=True),
                 "iteris_base_architecture": self.table.architecture}
+        family = family_by_id(self.table.architecture)
+        if family is not None:   # the family, as other tools read it too (Stability's modelspec)
+            meta["iteris_family"] = family.name
+            if family.modelspec:
+                meta.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": family.modelspec,
+                             "modelspec.title": "IterIS merge"})
         meta.update(self.metadata)
         return meta
 

@@ -46,6 +46,9 @@ class MergeReport:
 
     def add_stage(self, stage: StageResult, plans_subspace: set[str]) -> None:
         self.iterations.extend(stage.iterations)
+        if stage.unreached_layers:
+            self.warnings.append(f"{len(stage.unreached_layers)} layers that the concepts' samples never run are not in "
+                                 f"the merged LoRA (e.g. {stage.unreached_layers[0]}): no input reached them")
         if stage.iterations:
             self.converged[stage.iterations[0].stage] = stage.converged
         token_space = set(stage.token_space_layers)
@@ -67,8 +70,11 @@ class MergeReport:
 
     def summary(self) -> str:
         """A few lines for people: what was merged, how it converged, how long it took."""
-        lines = [f"{self.method} merge of {len(self.inputs)} LoRAs on {self.base.get('architecture', '?')} "
-                 f"({len(self.layers)} layers, total rank {sum(l.rank for l in self.layers.values())})"]
+        architecture = self.base.get("architecture", "?")
+        identity = self.base.get("identity")
+        about = f"{identity}; " if identity and identity != architecture else ""
+        lines = [f"{self.method} merge of {len(self.inputs)} LoRAs on {architecture} "
+                 f"({about}{len(self.layers)} layers, total rank {sum(l.rank for l in self.layers.values())})"]
         for item in self.inputs:
             lines.append(f"  {item.name}: strength {item.strength:g} (text {item.text_strength:g}), "
                          f"{item.layers} layers, rank {item.rank}")

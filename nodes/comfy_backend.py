@@ -130,7 +130,10 @@ class ComfyBackend(ModuleTableMixin):
     def _weight_of(self, weight_key: str) -> torch.Tensor:
         name = comfy_lora.layer_name(weight_key)
         if name not in self._modules:
-            raise KeyError(weight_key)
+            raise KeyError("which this model does not have")
+        if name not in self._table:
+            raise KeyError(f"a {type(self._modules[name]).__name__}, not a Linear or Conv2d: the merge solves only "
+                           "those")
         return self._modules[name].weight.detach().float().cpu()
 
     # -- ModelBackend (table, modules and base weights come from ModuleTableMixin) ----------------

@@ -45,7 +45,8 @@ DIFFUSION_PREFIX = "diffusion_model."
 ADAPTER_TENSOR = re.compile(r"(lora_(up|down|A|B|mid)\b|lora\.(up|down)\.|lora_linear_layer\.|hada_(w[12]_[ab]|t[12])|"
                             r"lokr_(w[12](_[ab])?|t2)|oft_(blocks|diag)|\.[ab][12]\.weight|\.diff(_b)?$|\.set_weight$|"
                             r"\.w_norm$)")
-WeightOf = Callable[[str], torch.Tensor]   # ComfyUI weight key -> base weight (fp32)
+# ComfyUI weight key -> base weight (fp32); KeyError("which ...") for a weight the merge cannot take
+WeightOf = Callable[[str], torch.Tensor]
 
 
 def check_adapter_file(lora: LoraFile) -> None:
@@ -186,8 +187,8 @@ def read_lora(lora: LoraFile, mapping: dict, weight_of: WeightOf, family: Family
                                   _first_key(tensors, weight_key, mapping))
         try:
             base = weight_of(weight_key)
-        except KeyError:
-            raise mismatch(f"it patches {weight_key}, which this model does not have", ()) from None
+        except KeyError as exc:
+            raise mismatch(f"it patches {weight_key}, {exc.args[0]}", ()) from None
         if offset is not None:
             dim, start, length = offset
             if dim != 0:

@@ -1,7 +1,9 @@
 """The shared workflows in ``workflows/`` in the real runtime and the real web front end.
 
-One ComfyUI server (the pack symlinked into its custom_nodes, the generated tiny SD1.5 checkpoint and
-three generated LoRAs in its models folders) serves all three parts:
+One ComfyUI server (the pack symlinked into its custom_nodes, the generated tiny SD1.5 checkpoint, tiny
+Flux.1 dev and Z-Image models from ``bench.dit_families`` and generated LoRAs for each in its models
+folders, and the tests' own node pack, whose loader gives the tiny text encoders in place of
+DualCLIPLoader / CLIPLoader) serves all three parts:
 
 (a) every workflow fits the server's ``/object_info``: node types exist, widget values fit their
     inputs (model file names excepted: they are substituted), link types agree at both ends;
@@ -20,16 +22,26 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import bench.dit_families as dit
 import workflow_tools as wt
 from comfy_fixtures import comfy_base_directory
+from bench.dit_tools import kohya_unet_lora
+from dit_fixtures import TEST_NODES
 from test_server import Server
 
 WORKFLOWS = tuple(path.stem for path in wt.workflow_paths())
-SHIPPED = {"iteris_two_concepts", "iteris_three_concepts_save", "iteris_compare_stacked"}
+SHIPPED = {"iteris_two_concepts", "iteris_three_concepts_save", "iteris_compare_stacked",
+           "iteris_flux_two_concepts", "iteris_zimage_two_concepts"}
+# DiT workflows -> the family of tiny model they run on; the others run on the tiny SD1.5 checkpoint
+WORKFLOW_FAMILY = {"iteris_flux_two_concepts": "flux_dev", "iteris_zimage_two_concepts": "zimage"}
+DIT_FILES = {"unet_name": {"flux1-dev.safetensors", "z_image_turbo_bf16.safetensors"},
+             "clip_name1": {"t5xxl_fp16.safetensors"}, "clip_name2": {"clip_l.safetensors"},
+             "clip_name": {"qwen_3_4b.safetensors"}, "vae_name": {"ae.safetensors"}}
 CHECKPOINT = "tiny_sd15.safetensors"
 # the workflows' LoRA names -> generated test LoRAs (seed of each)
 TEST_LORAS = {"character_a.safetensors": ("wf_character.safetensors", 11),
@@ -59,10 +71,37 @@ def test_the_shared_workflows_are_there():
     assert SHIPPED <= set(WORKFLOWS)
 
 
+@dataclass
+class DitFiles:
+    unet: str
+    text_encoders: str
+    vae: str
+    loras: dict[str, str]
+
+
+def install_dit(base: Path, family: str) -> DitFiles:
+    """The family's tiny model files and test LoRAs (kohya names, the diffusion model's attention and
+    MLP layers) in the server's models folders."""
+    from iteris_core.lora_io import atomic_write_safetensors
+
+    models = base / "models"
+    unet = dit.write_diffusion_model(family, models / "diffusion_models" / f"tiny_{family}.safetensors")
+    encoders = dit.write_text_encoders(family, models / "text_encoders")
+    vae = dit.write_vae(family, models / "vae", models / "vae_approx")
+    shapes = dit.diffusion_model_shapes(family)
+    loras = {}
+    for name, (_sd_name, seed) in TEST_LORAS.items():
+        loras[name] = f"wf_{family}_{Path(name).stem}.safetensors"
+        atomic_write_safetensors(kohya_unet_lora(shapes, seed), models / "loras" / loras[name], {}, overwrite=True)
+    return DitFiles(unet.name, ",".join(p.name for p in encoders), vae, loras)
+
+
 @pytest.fixture(scope="module")
-def wf_server(tmp_path_factory, tiny_checkpoint):
+def wf_server(tmp_path_factory, tiny_checkpoint, comfy_nodes):
     base = comfy_base_directory(tmp_path_factory.mktemp("workflow-server"), tiny_checkpoint, CHECKPOINT,
                                 dict(TEST_LORAS.values()), include=LORA_LAYERS)
+    (base / "custom_nodes" / "iteris_test_nodes").symlink_to(TEST_NODES)
+    dits = {family: install_dit(base, family) for family in sorted(set(WORKFLOW_FAMILY.values()))}
     (base / "user" / "default").mkdir(parents=True)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(UI_SETTINGS))
     with pytest.MonkeyPatch.context() as env:
@@ -71,6 +110,7 @@ def wf_server(tmp_path_factory, tiny_checkpoint):
         if "OMP_WAIT_POLICY" not in os.environ:
             env.setenv("OMP_WAIT_POLICY", "PASSIVE")
         running = Server(base)
+    running.dits = dits
     yield running
     running.stop()
 
@@ -92,7 +132,7 @@ def test_workflow_fits_the_node_schemas(name, object_info):
     assert wt.check_workflow(workflow, object_info) == []
     assert any(n["type"] in wt.NOTE_TYPES for n in workflow["nodes"]), "every shared workflow explains itself"
     prompt = wt.to_api(workflow, object_info)
-    assert wt.model_files(prompt) <= {"v1-5-pruned-emaonly.safetensors", *TEST_LORAS}
+    assert wt.model_files(prompt) <= {"v1-5-pruned-emaonly.safetensors", *TEST_LORAS, *set().union(*DIT_FILES.values())}
     # a seed set to 'randomize' would re-sample every concept on every run
     for node in real:
         _values, controls = wt.widget_values(node, object_info[node["type"]])
@@ -132,17 +172,26 @@ def test_the_checker_finds_broken_workflows(object_info):
 # (b) the workflows run
 
 
-def runnable_prompt(name: str, object_info: dict) -> dict:
-    """The workflow as the test runs it: API format, test models, small CPU settings."""
+def runnable_prompt(name: str, object_info: dict, server=None) -> dict:
+    """The workflow as the test runs it: API format, test models, small CPU settings. A DiT
+    workflow gets its family's tiny files, and the tests' loader in place of its text-encoder loader."""
     prompt = wt.to_api(wt.load_workflow(workflow_path(name)), object_info)
-    prompt = wt.substitute_models(prompt, checkpoint=CHECKPOINT,
-                                  loras={k: v[0] for k, v in TEST_LORAS.items()})
+    family = WORKFLOW_FAMILY.get(name)
+    if family is None:
+        prompt = wt.substitute_models(prompt, checkpoint=CHECKPOINT, loras={k: v[0] for k, v in TEST_LORAS.items()})
+    else:
+        files = server.dits[family]
+        prompt = wt.replace_text_encoder_loaders(prompt, "IterISTest_TinyTextEncoderLoader",
+                                                 {"family": family, "text_encoder_names": files.text_encoders})
+        prompt = wt.substitute_models(prompt, checkpoint=CHECKPOINT, loras=files.loras,
+                                      files={"unet_name": files.unet, "vae_name": files.vae,
+                                             "text_encoder_names": files.text_encoders})
     return wt.shrink_for_cpu(prompt, size=64, steps=2)
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_runs_and_writes_its_outputs(name, wf_server, object_info):
-    prompt = runnable_prompt(name, object_info)
+    prompt = runnable_prompt(name, object_info, wf_server)
     save_lora = {k: v for k, v in prompt.items() if v["class_type"] == "IterIS_SaveLora"}
     for entry in save_lora.values():  # a file left by an earlier run must not hide a failed save
         (wf_server.base / "models" / "loras" / f"{entry['inputs']['filename']}.safetensors").unlink(missing_ok=True)

@@ -390,10 +390,13 @@ def model_files(prompt: Mapping[str, Mapping]) -> set[str]:
     return {value for entry in prompt.values() for value in entry["inputs"].values() if is_model_file(value)}
 
 
-def substitute_models(prompt: Mapping[str, Mapping], *, checkpoint: str, loras: Mapping[str, str]) -> dict:
-    """A copy with every checkpoint name replaced by ``checkpoint`` and every LoRA name mapped through
-    ``loras`` (a name that is not in the map raises ``KeyError``: the test would not know what to run)."""
+def substitute_models(prompt: Mapping[str, Mapping], *, checkpoint: str, loras: Mapping[str, str],
+                      files: Mapping[str, str] | None = None) -> dict:
+    """A copy with every checkpoint name replaced by ``checkpoint``, every LoRA name mapped through
+    ``loras`` and other model inputs (``unet_name``, ``vae_name``...) set from ``files`` (a name with no
+    test file raises ``KeyError``: the test would not know what to run)."""
     prompt = copy.deepcopy(dict(prompt))
+    files = dict(files or {})
     for node_id, entry in prompt.items():
         inputs = entry["inputs"]
         for name, value in inputs.items():
@@ -405,8 +408,23 @@ def substitute_models(prompt: Mapping[str, Mapping], *, checkpoint: str, loras: 
                 if value not in loras:
                     raise KeyError(f"node {node_id} ({entry['class_type']}): no test LoRA for {value!r}")
                 inputs[name] = loras[value]
+            elif name in files:
+                inputs[name] = files[name]
             else:
                 raise KeyError(f"node {node_id} ({entry['class_type']}): no test file for '{name}' = {value!r}")
+    return prompt
+
+
+TEXT_ENCODER_LOADERS = frozenset({"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader"})
+
+
+def replace_text_encoder_loaders(prompt: Mapping[str, Mapping], class_type: str, inputs: Mapping[str, Any]) -> dict:
+    """A copy in which every stock text-encoder loader is the node ``class_type`` with ``inputs``
+    (the links to its CLIP output stay: a loader's CLIP is its only output)."""
+    prompt = copy.deepcopy(dict(prompt))
+    for entry in prompt.values():
+        if entry["class_type"] in TEXT_ENCODER_LOADERS:
+            entry["class_type"], entry["inputs"] = class_type, dict(inputs)
     return prompt
 
 
@@ -427,7 +445,7 @@ def shrink_for_cpu(prompt: Mapping[str, Mapping], *, size: int = 64, steps: int 
 
     for entry in prompt.values():
         kind, inputs = entry["class_type"], entry["inputs"]
-        if kind.startswith("EmptyLatent") or kind == "EmptyImage":
+        if (kind.startswith("Empty") and "Latent" in kind) or kind == "EmptyImage":
             put(inputs, "width", size)
             put(inputs, "height", size)
             put(inputs, "batch_size", 1)

@@ -1,0 +1,53 @@
+"""A ComfyUI node pack for tests only: loads the tiny random text encoders of ``bench.dit_families``.
+
+ComfyUI's own CLIPLoader cannot pass the ``model_options`` that make those encoders tiny, so tests
+put this pack in a ``custom_nodes`` folder (usually as a symlink) next to the IterIS pack and use
+``IterISTest_TinyTextEncoderLoader`` where a workflow would use CLIPLoader / DualCLIPLoader.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# ComfyUI imports the pack through its custom_nodes symlink: resolve it to find the repository.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+if _REPO_ROOT not in sys.path:
+    sys.path.append(_REPO_ROOT)
+
+import folder_paths  # noqa: E402  (ComfyUI's)
+
+from bench.dit_families import FAMILIES, load_text_encoder  # noqa: E402
+
+
+class IterISTest_TinyTextEncoderLoader:
+    """Load a family's tiny text-encoder files from the ``text_encoders`` model folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "family": (list(FAMILIES),),
+            "text_encoder_names": ("STRING", {"default": "", "tooltip": "comma-separated file names in "
+                                              "models/text_encoders, as bench.dit_families writes them"}),
+        }}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "IterIS/tests"
+
+    def load(self, family: str, text_encoder_names: str) -> tuple:
+        """Resolve the names in ComfyUI's ``text_encoders`` folder and load them as ``family``'s CLIP."""
+        names = [name.strip() for name in text_encoder_names.split(",") if name.strip()]
+        if not names:
+            raise ValueError("text_encoder_names is empty")
+        paths = []
+        for name in names:
+            path = folder_paths.get_full_path("text_encoders", name)
+            if path is None:
+                raise FileNotFoundError(f"{name!r} is not in the text_encoders model folder")
+            paths.append(path)
+        return (load_text_encoder(family, paths),)
+
+
+NODE_CLASS_MAPPINGS = {"IterISTest_TinyTextEncoderLoader": IterISTest_TinyTextEncoderLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"IterISTest_TinyTextEncoderLoader": "Tiny text encoder loader (IterIS tests)"}
