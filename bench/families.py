@@ -29,24 +29,29 @@ PROMPTS = (["a photo of sks dog", "sks dog on a beach"], ["a painting in xyz sty
 
 
 def _pack_modules():
-    """The node pack as ComfyUI imports it (its modules live under the checkout's package name)."""
+    """The node pack as ComfyUI imports it: its modules live under the checkout's package name, and
+    its engine is that package's ``iteris_core`` (one engine, whose classes the backend knows)."""
+    import importlib
+
     from bench.comfy import import_comfy, load_pack
 
     nodes = import_comfy()
     pack = load_pack(nodes)
     package = pack["IterIS_MergeLoras"].__module__.rsplit(".", 1)[0]
-    return nodes, sys.modules[package + ".comfy_backend"], sys.modules[package + ".merge_node"]
+    root = package.rsplit(".", 1)[0]
+    return (nodes, sys.modules[package + ".comfy_backend"], sys.modules[package + ".merge_node"],
+            importlib.import_module(root + ".iteris_core.api"), importlib.import_module(root + ".iteris_core.lora_io"))
 
 
 def measure(family: str, side: int) -> dict:
-    nodes, comfy_backend, merge_node = _pack_modules()   # imports ComfyUI first
+    nodes, comfy_backend, merge_node, api, lora_io = _pack_modules()   # imports ComfyUI first
     import comfy.sd
     import torch
 
     import bench.dit_families as dit
     from bench.dit_tools import denoise, random_lora
-    from iteris_core.api import Concept, merge_loras
-    from iteris_core.lora_io import LoraFile
+
+    Concept, merge_loras, LoraFile = api.Concept, api.merge_loras, lora_io.LoraFile
 
     folder = CACHE / "families" / family
     unet = folder / f"tiny_{family}.safetensors"
@@ -63,7 +68,7 @@ def measure(family: str, side: int) -> dict:
 
     def settings(**changes):
         inputs = dict(method="iteris", iterations=0, regularization=1e-4, rank=0, merge_text_encoder=True,
-                      max_tokens=0, samples_per_prompt=1, timesteps=2, steps=0, sampler="default",
+                      max_tokens=0, statistics_budget=0.0, samples_per_prompt=1, timesteps=2, steps=0, sampler="default",
                       scheduler="default", cfg=0.0, guidance=0.0, seed=0, width=side, height=side, batch_size=2)
         inputs.update(changes)
         return merge_node.IterisMergeLoras.settings(backend.family, **inputs)

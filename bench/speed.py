@@ -27,7 +27,7 @@ from bench.common import CACHE, machine, machine_line, markdown_table, peak_rss_
 from iteris_core.backends.tiny import ATTENTION_MLP as ATTENTION
 
 NATIVE = {"sd15": 512, "sdxl": 1024}
-BUDGET_GB = {"sd15": 8.0, "sdxl": 16.0}
+BUDGET_GB = {"sd15": 8.0, "sdxl": 12.0}
 
 
 def checkpoint(architecture: str) -> Path:
@@ -126,12 +126,17 @@ def run_engine(path: Path, loras: list[Path], prompts: list[list[str]], settings
     return {"load_s": load_s, **measure_merge(backend, loras, prompts, settings, repeats)}
 
 
-def measure_merge(backend, loras: list, prompts: list[list[str]], settings, repeats: int = 1) -> dict:
+def measure_merge(backend, loras: list, prompts: list[list[str]], settings, repeats: int = 1, engine=None,
+                  floor: bool = True) -> dict:
     """A merge on ``backend``, split into phases, then the same model calls made bare (the floor);
     ``repeats`` times, alternating, keeping the fastest of each (the usual way to take a time on a
-    shared machine: noise only ever adds). Every run's time is returned too."""
-    from iteris_core import Concept, merge_loras
-    from iteris_core.api import _prepare, load_concept_lora
+    shared machine: noise only ever adds). Every run's time is returned too. ``engine``: the
+    engine's ``api`` module to merge with (default: this checkout's ``iteris_core.api``; the ComfyUI
+    backend wants the node pack's own). Without ``floor``, only the merge is timed."""
+    if engine is None:
+        import iteris_core.api as engine
+    Concept, merge_loras = engine.Concept, engine.merge_loras
+    _prepare, load_concept_lora = engine._prepare, engine.load_concept_lora
 
     concepts = [Concept(lora, p, negative_prompt="blurry") for lora, p in zip(loras, prompts)]
     warm_s = warm_up(backend, settings)
@@ -148,9 +153,10 @@ def measure_merge(backend, loras: list, prompts: list[list[str]], settings, repe
             text_passes = sum(1 for r in records if r.stage == "text")
             unet_passes = sum(1 for r in records if r.stage == "unet")   # iteration 0 replays too
             prepared = [_prepare(c, load_concept_lora(c, i, backend)) for i, c in enumerate(concepts)]
-        floors.append(forward_floor(backend, prepared, settings, text_passes, unet_passes))
+        if floor:
+            floors.append(forward_floor(backend, prepared, settings, text_passes, unet_passes))
     total, report = min(merges, key=lambda m: m[0])
-    floor = min(floors, key=lambda f: f["total"])
+    floor = min(floors, key=lambda f: f["total"]) if floors else {"total": float("nan")}
     records = report.iterations
     phases = {
         "text_s": sum(r.passes_seconds for r in records if r.stage == "text"),
@@ -165,7 +171,7 @@ def measure_merge(backend, loras: list, prompts: list[list[str]], settings, repe
             "plan": report.memory, "layers": len(result.lora.layers),
             "objective": [r.objective for r in records if r.stage == "unet" and r.objective is not None],
             "token_space_layers": sum("token space" in layer.mode for layer in report.layers.values()),
-            "report": report}
+            "report": report, "lora": result.lora}
 
 
 def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings, text_passes: int,
@@ -208,7 +214,8 @@ def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings,
             "samples_per_prompt": sampling.samples_per_prompt, "timesteps": sampling.timesteps, "steps": sampling.steps,
             "cfg": sampling.guidance, "seed": seed, "rank": 0, "width": sampling.width or 0,
             "height": sampling.height or 0, "batch_size": sampling.batch_size, "merge_text_encoder": True,
-            "max_tokens": settings.max_tokens_per_sample or 0}}, "5": {"class_type": "IterIS_SaveLora", "inputs": {
+            "max_tokens": settings.max_tokens_per_sample or 0, "statistics_budget": settings.statistics_budget_gb or 0.0,
+            "sampler": sampling.sampler, "scheduler": sampling.scheduler, "guidance": 0.0}}, "5": {"class_type": "IterIS_SaveLora", "inputs": {
                 "lora": ["4", 2], "filename": f"bench_{method}", "overwrite": True, "precision": "fp16"}}}
 
     executor = make_executor()

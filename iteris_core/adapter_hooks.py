@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .activation_stats import PROBE_DTYPE, StageStatistics, sum_of_squares
+from .statistics import PROBE_DTYPE, StageStatistics, sum_of_squares
 from .layers import LayerInfo
 from .low_rank import LowRankDelta
 
@@ -127,6 +127,11 @@ class OwnSideStore:
         return sum(t.numel() * t.element_size() for t in self._entries.values())
 
 
+class StopPass(Exception):
+    """Raised by the hook of the last layer a pass collects statistics for: the rest of the model
+    is not needed. The engine catches it around each replay call."""
+
+
 @dataclass
 class HookState:
     """What the hooks do during one pass over a concept's samples (one or more forward calls).
@@ -141,6 +146,7 @@ class HookState:
     concept: int = 0
     recording: bool = True
     store: OwnSideStore | None = None
+    stop_after: str | None = None   # stop the forward call once this layer's statistics are in
     _calls: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
     def next_call(self, kind: str, name: str) -> int:
@@ -169,6 +175,7 @@ class HookSession:
         # per layer input: (root call, data pointer, token rows kept, call ordinal) of its last call
         self._group_inputs: dict[str, tuple[int, int, torch.Tensor | None, int]] = {}
         self._generator = torch.Generator().manual_seed(seed)
+        self.last_observed: str | None = None   # the last layer whose statistics were collected
 
     # -- installation ----------------------------------------------------------------------------
     def __enter__(self) -> HookSession:
@@ -220,8 +227,11 @@ class HookSession:
                 factors = self._factors(name, delta, x)
                 projected = self.ops[name].project(x, factors.down)   # A x, token rows (n x r)
                 side = projected @ factors.up_scaled.T                 # dW x
-            if state.stats is not None:
+            if state.stats is not None and name in state.stats.layers:
                 self._collect(name, x, projected, side, state)
+                self.last_observed = name
+                if name == state.stop_after:
+                    raise StopPass(name)
             if side is None:
                 return output
             side = self.ops[name].to_output(side, output)

@@ -27,7 +27,7 @@ from .lora_io import LoraFile, read_lora_file
 from .lora_normalize import NormalizedLora
 from .lora_writer import MergedLora
 from .low_rank import LowRankDelta, truncate
-from .memory import Placement, available_bytes, choose_plan
+from .memory import GB, Placement, available_bytes, choose_plan
 from .report import InputReport, LayerReport, MergeReport
 from .settings import MergeSettings, Method
 
@@ -136,8 +136,10 @@ def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSetting
     model_bytes = sum(backend.weights_bytes(c) for c in table.components)
     activations = backend.activation_bytes(settings.sampling)
     stages = loop.stage_plans()
+    budget = None if settings.statistics_budget_gb is None else int(settings.statistics_budget_gb * GB)
     plan = choose_plan(backend.device, stages, settings.effective_iterations, model_bytes, activations,
-                       available_bytes(backend.device), forced, exact_cross_norm=settings.exact_cross_norm)
+                       available_bytes(backend.device), forced, exact_cross_norm=settings.exact_cross_norm,
+                       budget_bytes=budget)
     return plan, {p.name for stage in stages for p in stage if p.subspace}
 
 
@@ -190,6 +192,7 @@ def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], se
         forced = Placement(statistics_device, statistics_device, settings.exact_cross_norm) if statistics_device else None
         plan, subspace_layers = _memory_plan(backend, loop, settings, forced)
         loop.placement = plan.placement
+        loop.set_groups({"text": plan.groups[0], "unet": plan.groups[1]})
         log(plan.describe())
         free = available_bytes(backend.device)
         if free is not None and plan.device_gb * 1024 ** 3 > free:

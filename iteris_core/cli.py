@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TIES: fraction of each delta kept (default %(default)s)")
     method.add_argument("--max-tokens", type=int, default=None, metavar="N",
                         help="sub-sample at most N spatial tokens per sample for the statistics")
+    method.add_argument("--row-space-width", type=int, default=None, metavar="D",
+                        help="approximate: solve layers whose input is wider than D in the LoRAs' row space "
+                             "(less memory, lower fidelity; default: every layer exact)")
     method.add_argument("--no-text-encoder", action="store_true", help="merge the UNet only")
     method.add_argument("--no-unet", action="store_true", help="merge the text encoder only")
     _add_sampling(merge)
@@ -139,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats-device", choices=["cpu", "cuda"], default=None,
                      help="where the statistics live (default: with the model, or the CPU when the memory "
                           "plan does not fit in free GPU memory)")
+    run.add_argument("--statistics-budget", type=float, default=None, metavar="GB",
+                     help="memory the statistics may take (default: what is free); when they do not fit at "
+                          "once the layers are merged in groups, each with its own passes, every layer exact")
     run.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                      help="precision of the written LoRA (default %(default)s)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -160,6 +166,7 @@ def _settings(args) -> MergeSettings:
     return MergeSettings(method=Method.parse(args.method), iterations=args.iterations,
                          regularization=args.alpha, tolerance=args.tolerance, rank=args.rank,
                          ties_density=args.ties_density, max_tokens_per_sample=args.max_tokens,
+                         row_space_width=args.row_space_width, statistics_budget_gb=args.statistics_budget,
                          merge_text_encoder=not args.no_text_encoder, merge_unet=not args.no_unet,
                          sampling=sampling)
 

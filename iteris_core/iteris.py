@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .activation_stats import TOKEN_FRACTION, LayerPlan, LayerWeights, StageStatistics
-from .adapter_hooks import HookSession, HookState, OwnSideStore
+from .statistics import TOKEN_FRACTION, LayerPlan, LayerWeights, StageStatistics
+from .adapter_hooks import HookSession, HookState, OwnSideStore, StopPass
 from .buffers import MatrixPool
 from .backends.base import Conditioning, LatentSample, ModelBackend
 from .errors import IterisError, MergeInterrupted, SettingsError
@@ -152,14 +152,14 @@ class IterisLoop:
     def planned_calls(self) -> int:
         """Model calls the merge will make at most (for progress reporting)."""
         passes = 1 + self.settings.effective_iterations
-        text = len(self.concepts) * (passes + 1)
+        text = len(self.concepts) * (passes * self._group_count("text") + 1)
         unet = 0
         if self.unet_layers:
             s = self.sampling
             kept = len(s.kept_steps())
             for c in self.concepts:
                 per_prompt = math.ceil(s.samples_per_prompt / s.batch_size) * s.steps
-                per_prompt += math.ceil(s.samples_per_prompt * kept / s.batch_size) * passes
+                per_prompt += math.ceil(s.samples_per_prompt * kept / s.batch_size) * passes * self._group_count("unet")
                 unet += len(c.prompts) * per_prompt
         return text + unet
 
@@ -173,7 +173,8 @@ class IterisLoop:
             info = self.table[name]
             deltas = [c.deltas.get(name) for c in self.concepts]
             present = [d for d in deltas if d is not None]
-            needs_row_space = info.input_dim > self.settings.max_full_dim
+            width = self.settings.row_space_width
+            needs_row_space = width is not None and info.input_dim > width
             basis = row_space_basis(present) if needs_row_space else None
             plans.append(LayerPlan(name, info, input_group(name), deltas, basis))
         return plans
@@ -201,53 +202,82 @@ class IterisLoop:
                                packed=self.placement.packed, weights=weights, seed=self.sampling.seed,
                                pool=pool, token_fraction=self.token_fraction, dense_groups=dense_groups)
 
-    def _iterate(self, stage: str, layers: list[str], roots: list[torch.nn.Module], run_pass: Pass) -> StageResult:
-        plans = self._plans(layers)
+    def set_groups(self, groups: dict[str, list[list[str]]]) -> None:
+        """Merge each stage's layers in these groups, one after another, each with its own passes
+        over the same samples (the memory plan's grouping; default: one group per stage)."""
+        self.layer_groups = {stage: [g for g in stage_groups if g] for stage, stage_groups in groups.items()}
+        self.progress.total = max(self.planned_calls(), 1)
+
+    def _group_count(self, stage: str) -> int:
+        return max(len(getattr(self, "layer_groups", {}).get(stage, [])), 1)
+
+    def _iterate(self, stage: str, layers: list[str], roots: list[torch.nn.Module], run_pass: Pass,
+                 early_stop: bool = False) -> StageResult:
+        """The stage's iterations. Each group of layers (all of them, unless the memory plan split
+        them) gets its own pass over every concept's samples; a group's later passes stop right
+        after its last layer when ``early_stop`` (the denoiser, whose replays allow it)."""
+        plans = {p.name: p for p in self._plans(layers)}
+        groups = getattr(self, "layer_groups", {}).get(stage) or [layers]
         result = StageResult(merged={})
         pool = MatrixPool()   # the stage's d x d matrices, reused by every iteration
         dense_groups: set[str] = set()
         later = self.settings.effective_iterations > 0
         stores = [OwnSideStore() if later else None for _ in self.concepts]
+        stop_after: dict[int, str] = {}   # group -> its last layer in the model's order, learnt in its first pass
+        if len(groups) > 1:
+            self.log(f"[{stage}] {len(layers)} layers in {len(groups)} groups ({', '.join(str(len(g)) for g in groups)} "
+                     "layers): every layer exact, each group with its own passes")
         with self._session(layers, roots) as session:
             for iteration in range(self.settings.effective_iterations + 1):
                 started = time.perf_counter()
-                stats = self._stats(plans, result.weights if iteration else None, pool, dense_groups)
                 passes = folding = 0.0
-                for i, concept in enumerate(self.concepts):
-                    if iteration == 0:   # the concept's own LoRA, recording what the later solves need
-                        own = {n: d for n, d in concept.deltas.items() if n in stats.layers}
-                        state = HookState(own, stats, i, recording=True, store=stores[i])
-                    else:                # the merged LoRA alone
-                        state = HookState(result.merged, stats, i, recording=False, store=stores[i])
+                merged: dict[str, LowRankDelta] = {}
+                objective: dict[str, float] = {}
+                for index, group in enumerate(groups):
+                    stats = self._stats([plans[n] for n in group], result.weights if iteration else None, pool,
+                                        dense_groups)
+                    for i, concept in enumerate(self.concepts):
+                        if iteration == 0:   # the concept's own LoRA, recording what the later solves need
+                            own = {n: d for n, d in concept.deltas.items() if n in plans}
+                            state = HookState(own, stats, i, recording=True, store=stores[i])
+                        else:                # the merged LoRA alone
+                            state = HookState(result.merged, stats, i, recording=False, store=stores[i])
+                        state.stop_after = stop_after.get(index) if early_stop else None
+                        session.last_observed = None
+                        tick = time.perf_counter()
+                        run_pass(i, iteration, session, state)
+                        tock = time.perf_counter()
+                        if early_stop and index not in stop_after and session.last_observed is not None:
+                            stop_after[index] = session.last_observed
+                        stats.finish_concept(i)
+                        passes += tock - tick
+                        folding += time.perf_counter() - tock
+                    if iteration == 0:
+                        result.weights.update(stats.weights)
+                        result.token_space_layers += stats.token_space_layers
+                        result.unreached_layers += stats.unreached_layers
+                    dense_groups |= stats.dense_groups
+                    objective.update(stats.relative_objective())
                     tick = time.perf_counter()
-                    run_pass(i, iteration, session, state)
-                    tock = time.perf_counter()
-                    stats.finish_concept(i)
-                    passes += tock - tick
-                    folding += time.perf_counter() - tock
+                    merged.update(stats.solve())
+                    folding += time.perf_counter() - tick
+                    if len(groups) > 1:
+                        pool.clear()   # the next group's inputs may have other widths
                 if iteration == 0:
-                    result.weights = stats.weights
-                    result.token_space_layers = stats.token_space_layers
-                    result.unreached_layers = stats.unreached_layers
+                    self.log(f"[{stage}] {len(result.token_space_layers)} of {len(layers)} layers solved in token "
+                             "space (fewer tokens than half their input width)")
                     if result.unreached_layers:
                         self.log(f"[{stage}] {len(result.unreached_layers)} layers that the samples never run are left "
                                  f"out of the merge, e.g. {result.unreached_layers[0]}")
-                    self.log(f"[{stage}] {len(result.token_space_layers)} of {len(layers)} layers solved in token "
-                             "space (fewer tokens than half their input width)")
                     if later:
                         kept = sum(store.nbytes for store in stores)
                         self.own_side_bytes = max(self.own_side_bytes, kept)
                         self.log(f"[{stage}] kept {kept / 2 ** 20:.1f} MiB of the concepts' own-side projections "
                                  "in host memory: each later iteration runs the merged model alone")
-                dense_groups = stats.dense_groups
-                objective = stats.relative_objective()
-                tick = time.perf_counter()
-                merged = stats.solve()
                 if not merged:
                     raise IterisError(f"none of the {len(layers)} {stage} layers the LoRAs change is run by the "
                                       "concepts' samples: there is nothing to merge them on")
-                record = IterationRecord(stage, iteration, 0.0, passes_seconds=passes,
-                                         solve_seconds=folding + time.perf_counter() - tick)
+                record = IterationRecord(stage, iteration, 0.0, passes_seconds=passes, solve_seconds=folding)
                 if iteration:
                     for name, value in objective.items():
                         result.layer_objective.setdefault(name, []).append(value)
@@ -287,7 +317,7 @@ class IterisLoop:
             with session.active(state), torch.no_grad():
                 conditioning = self.backend.encode_text(self.text_prompts(self.concepts[i]))
             if iteration == 0:
-                self._own_text[i] = conditioning
+                self._own_text.setdefault(i, conditioning)
             self.progress.step(f"text encoder: concept {i + 1}/{len(self.concepts)}")
 
         self.log(f"[text] merging {len(self.text_layers)} layers of {len(self.concepts)} concepts")
@@ -329,7 +359,10 @@ class IterisLoop:
             for chunk in _chunks(stored, self.sampling.batch_size):
                 self.progress.check()
                 with session.active(state), torch.no_grad():
-                    self.backend.replay(conditioning[prompt], self._negative(conditioning), chunk, self.sampling)
+                    try:
+                        self.backend.replay(conditioning[prompt], self._negative(conditioning), chunk, self.sampling)
+                    except StopPass:   # the group's last layer is done: the rest of the model is not needed
+                        pass
                 self.progress.step(f"UNet: {label}, concept {i + 1}/{len(self.concepts)}")
 
     def _sample(self, i: int, session: HookSession, conditioning: list[Conditioning]) -> Samples:
@@ -352,19 +385,24 @@ class IterisLoop:
                     kept_samples.extend((prompt, s) for s in trajectory)
         return kept_samples
 
+    def _samples_of(self, i: int, session: HookSession, conditioning: list[Conditioning]) -> Samples:
+        """The concept's samples: from the caller's cache when it has them, else sampled (and cached)."""
+        key = self.sample_keys[i] if self.sample_keys else None
+        if key is not None and key in self.sample_cache:
+            self.log(f"[unet] concept {i + 1}: reusing its {len(self.sample_cache[key])} cached samples")
+            return self.sample_cache[key]
+        samples = self._sample(i, session, conditioning)
+        if key is not None:
+            self.sample_cache[key] = samples
+        return samples
+
     def _run_unet(self, own_cond: list[list[Conditioning]], merged_cond: list[list[Conditioning]]) -> StageResult:
         samples: dict[int, Samples] = {}
 
         def denoise(i: int, iteration: int, session: HookSession, state: HookState) -> None:
             if iteration == 0:
-                key = self.sample_keys[i] if self.sample_keys else None
-                if key is not None and key in self.sample_cache:
-                    samples[i] = self.sample_cache[key]
-                    self.log(f"[unet] concept {i + 1}: reusing its {len(samples[i])} cached samples")
-                else:
-                    samples[i] = self._sample(i, session, own_cond[i])
-                    if key is not None:
-                        self.sample_cache[key] = samples[i]
+                if i not in samples:   # (an earlier group of layers sampled it already)
+                    samples[i] = self._samples_of(i, session, own_cond[i])
                 self._replay(i, session, state, samples[i], own_cond[i], "own samples")
             else:
                 self._replay(i, session, state, samples[i], merged_cond[i], "iteration")
@@ -373,6 +411,6 @@ class IterisLoop:
         self.log(f"[unet] merging {len(self.unet_layers)} layers of {len(self.concepts)} concepts; "
                  f"{len(self.trajectories(self.concepts[0]))} trajectories per concept, "
                  f"{len(keep)} kept timesteps each")
-        result = self._iterate("unet", self.unet_layers, self.backend.roots(UNET), denoise)
+        result = self._iterate("unet", self.unet_layers, self.backend.roots(UNET), denoise, early_stop=True)
         result.samples = sum(len(v) for v in samples.values())
         return result

@@ -93,6 +93,11 @@ class MergeReport:
         if self.timings:
             lines.append("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         if self.memory:
-            lines.append(f"  memory plan: {self.memory.get('total_gb', 0):.2f} GB on {self.memory.get('device')}")
+            line = f"  memory plan: {self.memory.get('total_gb', 0):.2f} GB on {self.memory.get('device')}"
+            counts = [c for c in self.memory.get("group_counts", []) if c > 1]
+            if counts:
+                line += (f", layers merged in {' and '.join(map(str, counts))} groups to fit the "
+                         f"{self.memory.get('budget_gb', 0):.2f} GB statistics budget")
+            lines.append(line)
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)

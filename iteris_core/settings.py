@@ -102,7 +102,12 @@ class MergeSettings:
     tolerance: float = 1e-3       # stop when every stage's relative change of the deltas is below
     rank: int | None = None       # None: exact merged rank (sum of input ranks); else truncate
     ties_density: float = 0.2     # TIES: fraction of each delta's entries kept
-    max_full_dim: int = 5120      # layers with a wider input are solved in the LoRAs' row space
+    # approximate, explicit only: layers with a wider input are solved in the LoRAs' row space (less
+    # memory, lower fidelity); None solves every layer exactly
+    row_space_width: int | None = None
+    # GB of memory the statistics may take on their device; None: what the planner finds free. When
+    # they do not fit at once, the layers are merged in groups, each with its own passes
+    statistics_budget_gb: float | None = None
     max_tokens_per_sample: int | None = None  # spatial token sub-sampling for the statistics
     # The ridge on the cross term scales with ||X Xt^T||_F. Exact: iteration 0 keeps the concepts'
     # own layer inputs X (host memory, as large as the activations) and each later pass sums Xt^T X;
@@ -120,7 +125,10 @@ class MergeSettings:
         _check(self.tolerance >= 0, f"tolerance must be >= 0, got {self.tolerance}")
         _check(self.rank is None or self.rank >= 1, f"rank must be >= 1 (or None for exact), got {self.rank}")
         _check(0 < self.ties_density <= 1, f"ties_density must be in (0, 1], got {self.ties_density}")
-        _check(self.max_full_dim >= 1, f"max_full_dim must be >= 1, got {self.max_full_dim}")
+        _check(self.row_space_width is None or self.row_space_width >= 1,
+               f"row_space_width must be >= 1 or None, got {self.row_space_width}")
+        _check(self.statistics_budget_gb is None or self.statistics_budget_gb > 0,
+               f"statistics_budget_gb must be > 0 or None, got {self.statistics_budget_gb}")
         _check(self.max_tokens_per_sample is None or self.max_tokens_per_sample >= 1,
                f"max_tokens_per_sample must be >= 1 or None, got {self.max_tokens_per_sample}")
         _check(self.merge_text_encoder or self.merge_unet, "nothing to merge: both merge_unet and "

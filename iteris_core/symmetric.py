@@ -48,10 +48,14 @@ def upper_gram_frobenius(accumulator: torch.Tensor) -> float:
     :func:`add_upper_gram_`: diagonal blocks count once, the blocks right of them twice."""
     total = 0.0
     for start, stop in gram_block_rows(accumulator.shape[0]):
-        diagonal = float(torch.linalg.vector_norm(accumulator[start:stop, start:stop])) ** 2
-        right = float(torch.linalg.vector_norm(accumulator[start:stop, stop:])) ** 2
+        # in fp64, as the packed storage's norm: the two storages then give the same ridge
+        diagonal = float(torch.linalg.vector_norm(accumulator[start:stop, start:stop], dtype=torch.float64)) ** 2
+        right = float(torch.linalg.vector_norm(accumulator[start:stop, stop:], dtype=torch.float64)) ** 2
         total += diagonal + 2.0 * right
     return total ** 0.5
+
+
+_INDEX_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,11 @@ class Triangle:
     def build(size: int, device: torch.device) -> Triangle:
         rows, columns = torch.triu_indices(size, size, device=device)
         # flat indices, not a boolean mask: gathering and scattering by index is 5-25x faster than
-        # masked_select / masked_scatter on the CPU, for 8 bytes per packed entry
+        # masked_select / masked_scatter on the CPU; int32 (4 bytes per packed entry) while the
+        # flat positions fit, which they do for any width below 46341
         upper = rows * size + columns
+        if size * size <= torch.iinfo(torch.int32).max:
+            upper = upper.to(torch.int32)
         diagonal = torch.arange(size, device=device)
         # row i starts after sum_{j<i} (d - j) entries; its diagonal entry is the first of the row
         diagonal = diagonal * size - diagonal * (diagonal - 1) // 2
@@ -86,7 +93,10 @@ class Triangle:
         the full-storage convention (the solver reads the upper triangle only); ``out``, if given,
         is written."""
         full = torch.empty(self.size, self.size, dtype=packed.dtype, device=packed.device) if out is None else out
-        full.view(-1).index_copy_(0, self.upper.to(packed.device), packed)
+        flat, upper = full.view(-1), self.upper.to(packed.device)
+        for start in range(0, upper.numel(), _INDEX_CHUNK):   # index_copy_ wants int64: widen by chunks
+            end = start + _INDEX_CHUNK
+            flat.index_copy_(0, upper[start:end].long(), packed[start:end])
         return full
 
     def frobenius(self, packed: torch.Tensor) -> float:

@@ -27,6 +27,7 @@ import comfy.sample
 import comfy.samplers
 import node_helpers
 
+from ..iteris_core.adapter_hooks import StopPass
 from ..iteris_core.backends.base import LatentSample, ModuleTableMixin, StepCallback
 from ..iteris_core.families import Family, family_of_comfy_class
 from ..iteris_core.layers import UNET, LayerTable
@@ -79,11 +80,20 @@ class _Replay(comfy.samplers.Sampler):
 def _one_call_per_cond(args: dict) -> list[torch.Tensor]:
     """ComfyUI's cond batching, one conditioning at a time: the calls a replay makes never depend
     on free memory, so every pass over the same samples makes the same calls (an absent negative
-    predicts zeros, as ``calc_cond_batch`` does)."""
+    predicts zeros, as ``calc_cond_batch`` does). A call the engine stops early (its statistics are
+    in) predicts zeros too: a replay's predictions are never used."""
     x = args["input"]
-    return [torch.zeros_like(x) if cond is None else
-            comfy.samplers.calc_cond_batch(args["model"], [cond], x, args["sigma"], args["model_options"])[0]
-            for cond in args["conds"]]
+    out = []
+    for cond in args["conds"]:
+        prediction = torch.zeros_like(x)
+        if cond is not None:
+            try:
+                prediction = comfy.samplers.calc_cond_batch(args["model"], [cond], x, args["sigma"],
+                                                            args["model_options"])[0]
+            except StopPass:
+                pass
+        out.append(prediction)
+    return out
 
 
 class ComfyBackend(ModuleTableMixin):

@@ -24,6 +24,7 @@ RANGES = {
     "seed": (0, 0, 0xFFFFFFFF), "rank": (0, 0, 4096), "width": (0, 0, 8192), "height": (0, 0, 8192),
     "batch_size": (4, 1, 64), "max_tokens": (0, 0, 65536),
     "regularization": (1e-4, 0.0, 1.0), "cfg": (0.0, 0.0, 30.0), "guidance": (0.0, 0.0, 100.0),
+    "statistics_budget": (0.0, 0.0, 4096.0),
 }
 DEFAULT = "default"   # sampler / scheduler: what a user of the model's family would pick
 
@@ -89,6 +90,11 @@ class IterisMergeLoras(io.ComfyNode):
                                          "UNet layers only)."),
                 _int("max_tokens", "Spatial tokens per sample used for the statistics; 0 = all. A few hundred "
                                    "is faster at high resolution."),
+                io.Float.Input("statistics_budget", default=0.0, min=0.0, max=4096.0, step=0.5,
+                               display_name="statistics budget (GB)",
+                               tooltip="Memory the merge's statistics may take; 0 = what is free. When they do "
+                                       "not fit at once, the layers are merged in groups, each with its own passes "
+                                       "over the samples: every layer stays exact, the merge takes longer."),
                 # how each concept's own images are sampled (changing these samples again)
                 _int("samples_per_prompt", "Images (seeds) sampled per concept prompt to collect layer inputs.",
                      display_name="samples per prompt"),
@@ -131,11 +137,11 @@ class IterisMergeLoras(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, iterations, regularization, rank, max_tokens, samples_per_prompt, timesteps, steps, cfg,
-                        guidance, seed, width, height, batch_size) -> bool | str:
+    def validate_inputs(cls, iterations, regularization, rank, max_tokens, statistics_budget, samples_per_prompt,
+                        timesteps, steps, cfg, guidance, seed, width, height, batch_size) -> bool | str:
         values = dict(iterations=iterations, regularization=regularization, samples_per_prompt=samples_per_prompt,
                       timesteps=timesteps, steps=steps, cfg=cfg, guidance=guidance, seed=seed, rank=rank, width=width,
-                      height=height, batch_size=batch_size, max_tokens=max_tokens)
+                      height=height, batch_size=batch_size, max_tokens=max_tokens, statistics_budget=statistics_budget)
         for name, value in values.items():
             _default, low, high = RANGES[name]
             if value is not None and not low <= value <= high:
@@ -149,8 +155,8 @@ class IterisMergeLoras(io.ComfyNode):
 
     @staticmethod
     def settings(family: Family, method, iterations, regularization, rank, merge_text_encoder, max_tokens,
-                 samples_per_prompt, timesteps, steps, sampler, scheduler, cfg, guidance, seed, width, height,
-                 batch_size) -> MergeSettings:
+                 statistics_budget, samples_per_prompt, timesteps, steps, sampler, scheduler, cfg, guidance, seed,
+                 width, height, batch_size) -> MergeSettings:
         """Typed settings, the family's defaults standing in for the inputs left at "default" / 0."""
         defaults = family.defaults
         steps = steps or defaults.steps
@@ -164,16 +170,17 @@ class IterisMergeLoras(io.ComfyNode):
                                     distilled_guidance=(guidance or defaults.guidance) if defaults.guidance else None)
         return MergeSettings(method=method, iterations=iterations, regularization=regularization, rank=rank or None,
                              merge_text_encoder=merge_text_encoder, max_tokens_per_sample=max_tokens or None,
-                             sampling=sampling)
+                             statistics_budget_gb=statistics_budget or None, sampling=sampling)
 
     @classmethod
     def execute(cls, model, clip, concepts, method, iterations, regularization, rank, merge_text_encoder, max_tokens,
-                samples_per_prompt, timesteps, steps, sampler, scheduler, cfg, guidance, seed, width, height,
-                batch_size) -> io.NodeOutput:
+                statistics_budget, samples_per_prompt, timesteps, steps, sampler, scheduler, cfg, guidance, seed,
+                width, height, batch_size) -> io.NodeOutput:
         if not concepts:
             raise SettingsError("connect at least one LoRA Concept (IterIS) node to 'concepts'")
         settings = cls.settings(family_of(model), method, iterations, regularization, rank, merge_text_encoder,
-                                max_tokens, samples_per_prompt, timesteps, steps, sampler, scheduler, cfg, guidance,
+                                max_tokens, statistics_budget, samples_per_prompt, timesteps, steps, sampler, scheduler,
+                                cfg, guidance,
                                 seed, width, height, batch_size)
         base_key = fingerprint(model, clip)
         key = (base_key, tuple(c.key() for c in concepts), settings)

@@ -117,3 +117,15 @@ def test_missing_base(workspace, capsys):
 def test_linear_method_in_process(workspace, capsys):
     assert main(_args(workspace, "--method", "linear", out="linear.safetensors")) == 0
     assert (workspace / "linear.safetensors").exists()
+
+
+def test_a_statistics_budget_groups_the_layers_and_gives_the_same_file(workspace):
+    assert main(_args(workspace, "--report", str(workspace / "free.json"), out="free.safetensors")) == 0
+    assert main(_args(workspace, "--statistics-budget", "0.002", "--report", str(workspace / "tight.json"),
+                      out="tight.safetensors")) == 0
+    counts = json.loads((workspace / "tight.json").read_text())["memory"]["group_counts"]
+    assert max(counts) > 1, counts
+    table = DiffusersBackend(build_tiny_pipeline(TinySpec()), device="cpu").layer_table()
+    free, tight = load_lora(workspace / "free.safetensors", table), load_lora(workspace / "tight.safetensors", table)
+    for name, delta in free.layers.items():
+        assert (tight.layers[name].dense() - delta.dense()).norm() <= 1e-5 * delta.dense().norm(), name

@@ -27,7 +27,7 @@ from dit_fixtures import TinyDit, build_tiny_dit, release
 from iteris_core.families import family_by_id
 
 FAST = {"method": "iteris", "iterations": 1, "regularization": 1e-4, "rank": 0, "merge_text_encoder": True,
-        "max_tokens": 0, "samples_per_prompt": 1, "timesteps": 2, "steps": 2, "sampler": "default",
+        "max_tokens": 0, "statistics_budget": 0.0, "samples_per_prompt": 1, "timesteps": 2, "steps": 2, "sampler": "default",
         "scheduler": "default", "cfg": 0.0, "guidance": 0.0, "seed": 0, "width": 64, "height": 64, "batch_size": 2}
 PROMPTS = {"a": "a photo of sks dog", "b": "a painting in xyz style"}
 
@@ -196,16 +196,17 @@ def test_low_precision_weights_merge_like_loraloader(tiny, comfy_nodes, dtype):
     import comfy.sd
     import folder_paths
 
-    from iteris_core.api import Concept, merge_loras
-    from iteris_core.lora_io import read_lora_file
-
     if tiny.family != "flux_dev":
         pytest.skip("checked on Flux.1 dev")
     model = comfy.sd.load_diffusion_model(folder_paths.get_full_path("diffusion_models", tiny.unet_name),
                                           model_options={"dtype": dtype})
     assert model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == dtype
+    # the node pack's own modules, and its own engine: the backend raises and catches that engine's classes
     package = comfy_nodes.NODE_CLASS_MAPPINGS["IterIS_MergeLoras"].__module__.rsplit(".", 1)[0]
     merge_node, comfy_backend = (sys.modules[f"{package}.{m}"] for m in ("merge_node", "comfy_backend"))
+    engine = package.rsplit(".", 1)[0] + ".iteris_core"
+    Concept, merge_loras = sys.modules[engine + ".api"].Concept, sys.modules[engine + ".api"].merge_loras
+    read_lora_file = sys.modules[engine + ".lora_io"].read_lora_file
     backend = comfy_backend.ComfyBackend(model, tiny.clip)
     settings = merge_node.IterisMergeLoras.settings(backend.family, **FAST)
     lora = read_lora_file(folder_paths.get_full_path("loras", tiny.loras["kohya"]))
@@ -216,3 +217,44 @@ def test_low_precision_weights_merge_like_loraloader(tiny, comfy_nodes, dtype):
     theirs = denoise(tiny.family, *reference, PROMPTS["a"])
     assert relative(theirs, base) > 1e-3
     assert relative(denoise(tiny.family, *ours, PROMPTS["a"]), theirs) < 2e-2
+
+
+def _pack_engine(comfy_nodes) -> tuple:
+    """The node pack's own merge-node and backend modules and its engine package name (the backend
+    raises and catches that engine's classes, so tests drive the engine the pack imported)."""
+    package = comfy_nodes.NODE_CLASS_MAPPINGS["IterIS_MergeLoras"].__module__.rsplit(".", 1)[0]
+    merge_node, comfy_backend = (sys.modules[f"{package}.{m}"] for m in ("merge_node", "comfy_backend"))
+    return merge_node, comfy_backend, package.rsplit(".", 1)[0] + ".iteris_core"
+
+
+def test_a_statistics_budget_keeps_the_two_lora_merge_exact(tiny, comfy_nodes):
+    """Under a statistics budget that holds only a few layer inputs at once, the layers are merged
+    in groups (each with its own passes, early groups stopping after their last layer) and the
+    merged LoRA is the unlimited one within 1e-5. Flux.1 dev only (the widest inputs: 15360)."""
+    import importlib
+
+    import folder_paths
+
+    if tiny.family != "flux_dev":
+        pytest.skip("checked on Flux.1 dev")
+    merge_node, comfy_backend, engine = _pack_engine(comfy_nodes)
+    api, memory, iteris = (importlib.import_module(f"{engine}.{m}") for m in ("api", "memory", "iteris"))
+    read_lora_file = importlib.import_module(f"{engine}.lora_io").read_lora_file
+    backend = comfy_backend.ComfyBackend(tiny.model, tiny.clip)
+    settings = merge_node.IterisMergeLoras.settings(backend.family, **FAST).replace(tolerance=0.0)
+    concepts = [api.Concept(read_lora_file(folder_paths.get_full_path("loras", tiny.loras[label])), [PROMPTS[p]])
+                for label, p in (("kohya", "a"), ("style", "b"))]
+    unlimited = api.merge_loras(backend, concepts, settings)
+    assert unlimited.report.memory["group_counts"] == [1, 1]
+
+    loop = iteris.IterisLoop(backend, [api._prepare(c, api.load_concept_lora(c, i, backend))
+                                       for i, c in enumerate(concepts)], settings)
+    placement = memory.Placement("cpu", "cpu", False, packed=True)
+    largest = max(memory.largest_input_bytes(torch.device("cpu"), placement, plans, settings.effective_iterations)
+                  for plans in loop.stage_plans() if plans)
+    grouped = api.merge_loras(backend, concepts, settings.replace(statistics_budget_gb=1.2 * largest / memory.GB))
+    assert grouped.report.memory["group_counts"][1] > 1, grouped.report.memory["group_counts"]
+    assert set(grouped.lora.layers) == set(unlimited.lora.layers)
+    for name, delta in unlimited.lora.layers.items():
+        error = (grouped.lora.layers[name].dense() - delta.dense()).norm() / delta.dense().norm()
+        assert error < 1e-5, (name, float(error))

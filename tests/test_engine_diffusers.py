@@ -37,7 +37,7 @@ def test_one_lora_is_reproduced_on_every_layer(request, backend_fixture):
 
 def test_row_space_mode_reproduces_one_lora_and_merges_two(tiny_backend):
     lora_a, lora_b = _lora(tiny_backend, 2), _lora(tiny_backend, 3)
-    settings = MergeSettings(iterations=1, max_full_dim=1, sampling=FAST)   # every layer in row-space mode
+    settings = MergeSettings(iterations=1, row_space_width=1, sampling=FAST)   # every layer in row-space mode
     single = merge_loras(tiny_backend, [Concept(lora_a, ["sks dog"])], settings)
     _assert_reproduces(single, lora_a)
     assert {l.mode for l in single.report.layers.values()} == {"row space"}

@@ -20,7 +20,7 @@ from iteris_core.lora_writer import MergedLora
 LAYERS = r"(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|ff\.net\.(0\.proj|2)|resnets\.0\.conv1|proj_in)$"
 FAST = {"method": "iteris", "iterations": 2, "regularization": 1e-4, "samples_per_prompt": 1, "timesteps": 2,
         "steps": 4, "cfg": 5.0, "seed": 0, "rank": 0, "width": 64, "height": 64, "batch_size": 2,
-        "merge_text_encoder": True, "max_tokens": 0, "sampler": "default", "scheduler": "default", "guidance": 0.0}
+        "merge_text_encoder": True, "max_tokens": 0, "statistics_budget": 0.0, "sampler": "default", "scheduler": "default", "guidance": 0.0}
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def server(tmp_path_factory, tiny_checkpoint):
 def full_prompt(save_name: str = "from_http") -> dict:
     merge = {"method": "iteris", "iterations": 1, "regularization": 1e-4, "samples_per_prompt": 1, "timesteps": 2,
              "steps": 3, "cfg": 5.0, "seed": 0, "rank": 0, "width": 64, "height": 64, "batch_size": 2,
-             "merge_text_encoder": True, "max_tokens": 0, "sampler": "default", "scheduler": "default", "guidance": 0.0}
+             "merge_text_encoder": True, "max_tokens": 0, "statistics_budget": 0.0, "sampler": "default", "scheduler": "default", "guidance": 0.0}
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
         "2": {"class_type": "IterIS_LoraConcept", "inputs": {"lora_name": "dog.safetensors", "strength_model": 1.0,

@@ -6,7 +6,10 @@ stored samples. It never applies adapters itself: the engine's hooks do, on ever
 
 One rule makes iterations cheap (see :mod:`iteris_core.adapter_hooks`): given the same inputs, a
 backend's :meth:`~ModelBackend.encode_text` and :meth:`~ModelBackend.replay` make the same module
-calls in the same order, with the same rows, every time; the engine checks it.
+calls in the same order, with the same rows, every time; the engine checks it. When the layers
+are merged in groups (a statistics budget), a hook may raise
+:class:`~iteris_core.adapter_hooks.StopPass` once a replay's last needed layer is done: a backend
+whose one replay makes several denoiser calls absorbs it per call; otherwise it reaches the engine.
 """
 
 from __future__ import annotations

@@ -1,0 +1,8 @@
+"""Streaming statistics of the layer inputs a merge fits, one storage class per way of keeping them
+(``d x d`` sums, packed triangles, token space, row space) behind :class:`StageStatistics`."""
+
+from .common import PROBE_DTYPE, PROBES, TOKEN_FRACTION, LayerPlan, LayerWeights, sum_of_squares
+from .stage import StageStatistics
+
+__all__ = ["PROBE_DTYPE", "PROBES", "TOKEN_FRACTION", "LayerPlan", "LayerWeights", "StageStatistics",
+           "sum_of_squares"]
