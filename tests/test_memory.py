@@ -58,3 +58,27 @@ def _full_size_plan(table, params: int, side: int, channels: int, free_gb: float
 def test_planned_gpu_memory_for_three_concepts_fits_the_target(full_tables, architecture, params, side, budget):
     plan = _full_size_plan(full_tables[architecture], params, side, 320, budget)
     assert plan.device_gb <= budget, plan.describe()
+
+
+def test_when_nothing_fits_every_layer_stays_exact_in_groups(full_tables):
+    """Below every placement, the layers go in groups that fit, each input's layers together; with
+    room in host memory the systems go there (fewer groups), without it they stay on the GPU."""
+    stages = _stages(full_tables["sdxl"])
+    cuda = torch.device("cuda")
+    tight = choose_plan(cuda, stages, 3, 4 * GB, GB, free_bytes=int(9 * GB), exact_cross_norm=False,
+                        host_free_bytes=64 * GB)
+    assert tight.grouped and tight.placement == Placement("cuda", "cpu", False, packed=True)
+    assert tight.device_gb <= 0.9 * 9
+    names = [p.name for p in stages[1]]
+    placed = [n for group in tight.groups[1] for n in group]
+    assert sorted(placed) == sorted(names)                                    # every layer, once
+    group_of = {n: i for i, group in enumerate(tight.groups[1]) for n in group}
+    inputs = {}
+    for plan in stages[1]:
+        inputs.setdefault(plan.group, set()).add(group_of[plan.name])
+    assert all(len(groups) == 1 for groups in inputs.values())               # an input's layers stay together
+    assert 1 < tight.pass_factors[1] < len(tight.groups[1])                 # early groups stop early
+    no_host = choose_plan(cuda, stages, 3, 4 * GB, GB, free_bytes=int(9 * GB), exact_cross_norm=False,
+                          host_free_bytes=0)
+    assert no_host.placement.systems == "cuda" and no_host.host_gb == 0
+    assert len(no_host.groups[1]) > len(tight.groups[1])
