@@ -226,11 +226,15 @@ def _statistics_bytes(plan: MemoryPlan, device: torch.device) -> float:
 
 
 def _inputs(plans: list[LayerPlan]) -> list[list[LayerPlan]]:
-    """The plans by layer input, in the order the inputs first appear (the model's order)."""
+    """The plans by layer input, in the order of each input's last layer in the model: consecutive
+    inputs make a group whose pass can stop after its last layer, and an input read all through the
+    model (SD's cross-attention k/v all read the text) goes with the layers at its end."""
     by_input: dict[str, list[LayerPlan]] = {}
-    for plan in plans:
+    last: dict[str, int] = {}
+    for index, plan in enumerate(plans):
         by_input.setdefault(plan.group, []).append(plan)
-    return list(by_input.values())
+        last[plan.group] = index
+    return [by_input[group] for group in sorted(by_input, key=last.__getitem__)]
 
 
 def statistics_bytes(device: torch.device, placement: Placement, plans: list[LayerPlan], iterations: int) -> float:
