@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -25,6 +25,7 @@ from .iteris import IterisLoop, LogFn, PreparedConcept, ProgressFn, StopFn
 from .layers import UNET
 from .lora_io import LoraFile, read_lora_file
 from .lora_normalize import NormalizedLora
+from .lora_prompts import DerivedPrompts, derive_prompts, missing_prompts_message
 from .lora_writer import MergedLora
 from .low_rank import LowRankDelta, truncate
 from .memory import GB, Placement, available_bytes, choose_plan
@@ -41,7 +42,9 @@ class Concept:
     ``lora`` is a file path, a read :class:`LoraFile`, a :class:`NormalizedLora`, or a state dict.
     ``strength`` scales its UNet layers and ``text_strength`` (default: ``strength``) its text
     encoder layers. ``prompts`` (one or more) and ``negative_prompt`` are used to sample the
-    concept's own images, whose layer inputs drive the merge.
+    concept's own images, whose layer inputs drive the merge; without prompts, they are derived
+    from the LoRA's trigger words and training tags (its metadata and sidecar files, see
+    :mod:`~iteris_core.lora_prompts`).
     """
 
     lora: LoraSource
@@ -107,8 +110,39 @@ def _validate(concepts: Sequence[Concept], settings: MergeSettings) -> None:
         if settings.method.needs_model:
             prompts = [p for p in concept.prompts if p.strip()]
             if not prompts:
-                raise SettingsError(f"{label}: give at least one prompt that shows this LoRA's concept "
-                                    f"({settings.method.value} samples the concept's own images to merge)")
+                raise SettingsError(f"{missing_prompts_message(label)} ({settings.method.value} samples the "
+                                    "concept's own images to merge)")
+
+
+def _has_prompts(concept: Concept) -> bool:
+    return any(p.strip() for p in concept.prompts)
+
+
+def _with_derived_prompts(concept: Concept, settings: MergeSettings) -> tuple[Concept, DerivedPrompts | None]:
+    """The concept with prompts derived from its LoRA's metadata and sidecar files when it has none
+    and the method samples; typed prompts always win. A path is read here (its sidecars are beside
+    it) and the read file replaces it, so it is not read twice; the caller's concept is not changed."""
+    if _has_prompts(concept) or not settings.method.needs_model:
+        return concept, None
+    source = concept.lora
+    if isinstance(source, (str, Path)):
+        source = read_lora_file(source)
+    if isinstance(source, LoraFile):
+        derived = derive_prompts(source.metadata, lora_path=source.path)
+    elif isinstance(source, NormalizedLora):
+        derived = derive_prompts(source.metadata)
+    else:
+        derived = None       # a bare state dict has no metadata
+    if derived is None:
+        return replace(concept, lora=source), None
+    return replace(concept, lora=source, prompts=list(derived.prompts)), derived
+
+
+def _prompt_source(concept: Concept, derived: DerivedPrompts | None) -> str:
+    """Where a concept's prompts came from, for the report."""
+    if derived is not None:
+        return derived.describe()
+    return "typed" if _has_prompts(concept) else "none"
 
 
 def _prepare(concept: Concept, lora: NormalizedLora) -> PreparedConcept:
@@ -160,8 +194,14 @@ def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], se
     """
     settings = settings or MergeSettings()
     log = log or (lambda message: None)
+    started = time.perf_counter()    # reading a file for its prompts is part of loading it
+    completed = [_with_derived_prompts(c, settings) for c in concepts]
+    concepts = [c for c, _ in completed]
+    derived = [d for _, d in completed]
+    for i, (concept, found) in enumerate(completed):
+        if found is not None:
+            log(f"{concept.display_name(i)}: no prompts given; {found.describe()}: " + " | ".join(found.prompts))
     _validate(concepts, settings)
-    started = time.perf_counter()
     backend = open_backend(base, device, dtype, **load_options)
     table = backend.layer_table()
     loras = [load_concept_lora(c, i, backend) for i, c in enumerate(concepts)]
@@ -178,8 +218,8 @@ def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], se
                          inputs=[InputReport(lora.name, lora.sha256, c.strength,
                                              c.strength if c.text_strength is None else c.text_strength,
                                              len(p.prompts), len(p.deltas), max(lora.ranks().values()),
-                                             list(lora.skipped))
-                                 for c, lora, p in zip(concepts, loras, prepared)])
+                                             list(lora.skipped), _prompt_source(c, d))
+                                 for c, d, lora, p in zip(concepts, derived, loras, prepared)])
     for lora in loras:
         report.warnings.extend(f"{lora.name}: {note}" for note in lora.skipped)
 

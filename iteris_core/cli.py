@@ -6,7 +6,9 @@
         --out merged.safetensors --report report.json
 
 ``--prompts``, ``--prompt``, ``--strength``, ``--text-strength`` and ``--negative`` apply to the
-``--lora`` before them. Bad input ends with a one-line reason and exit status 2.
+``--lora`` before them; a ``--lora`` without prompts gets prompts derived from its file's trigger
+words and training tags (metadata and sidecar files). Bad input ends with a one-line reason and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -100,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     per_lora = merge.add_argument_group("LoRAs (repeat --lora; the options after it belong to it)")
     per_lora.add_argument("--lora", action=_LoraAction, metavar="FILE", help="a LoRA .safetensors file")
     per_lora.add_argument("--prompts", action=_LoraAction, metavar="FILE",
-                          help="text file with this LoRA's concept prompts, one per line")
-    per_lora.add_argument("--prompt", action=_LoraAction, metavar="TEXT", help="one concept prompt (repeatable)")
+                          help="text file with this LoRA's concept prompts, one per line (optional: without "
+                               "--prompts or --prompt, prompts are derived from the file's metadata and "
+                               "sidecar files: trigger words, kohya folder name, training tags)")
+    per_lora.add_argument("--prompt", action=_LoraAction, metavar="TEXT",
+                          help="one concept prompt (repeatable; optional, as --prompts)")
     per_lora.add_argument("--strength", action=_LoraAction, type=float, metavar="S",
                           help="strength of this LoRA on the UNet (default 1.0)")
     per_lora.add_argument("--text-strength", action=_LoraAction, type=float, metavar="S",
@@ -213,7 +218,7 @@ def run_merge(args) -> int:
 
     loras: list[_LoraArgs] = getattr(args, "loras", None) or []
     if not loras:
-        raise IterisError("give at least one --lora (each followed by its --prompts)")
+        raise IterisError("give at least one --lora (each optionally followed by its --prompts)")
     settings = _settings(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -239,6 +244,7 @@ def run_merge(args) -> int:
 def run_inspect(args) -> int:
     from .lora_formats import parse_lora
     from .lora_io import read_lora_file
+    from .lora_prompts import derive_prompts
 
     lora = read_lora_file(args.lora)
     parsed = parse_lora(lora)
@@ -249,6 +255,13 @@ def run_inspect(args) -> int:
           f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}), layout {parsed.layout}, sha256 {lora.sha256}")
     for note in parsed.skipped:
         print(f"  skipped: {note}")
+    derived = derive_prompts(lora.metadata, lora_path=lora.path)
+    if derived is None:
+        print("  prompts: none can be derived from its metadata or sidecar files; give --prompts to merge it")
+    else:
+        print(f"  prompts when none are given: {derived.describe()}")
+        for prompt in derived.prompts:
+            print(f"    {prompt}")
     if args.base:
         from .api import open_backend
         from .lora_normalize import normalize_lora

@@ -19,6 +19,8 @@ class InputReport:
     layers: int
     rank: int                  # largest rank over its layers
     skipped: list[str] = field(default_factory=list)
+    # "typed", "none" (a method that does not sample), or what the prompts were derived from
+    prompt_source: str = "typed"
 
 
 @dataclass
@@ -76,8 +78,10 @@ class MergeReport:
         lines = [f"{self.method} merge of {len(self.inputs)} LoRAs on {architecture} "
                  f"({about}{len(self.layers)} layers, total rank {sum(l.rank for l in self.layers.values())})"]
         for item in self.inputs:
+            typed = f", {item.prompts} typed prompt{'' if item.prompts == 1 else 's'}"
+            prompts = {"typed": typed, "none": ""}.get(item.prompt_source, f", {item.prompt_source}")
             lines.append(f"  {item.name}: strength {item.strength:g} (text {item.text_strength:g}), "
-                         f"{item.layers} layers, rank {item.rank}")
+                         f"{item.layers} layers, rank {item.rank}{prompts}")
         for record in self.iterations:
             text = f"  [{record.stage}] iteration {record.iteration}: {record.seconds:.1f} s"
             if record.objective is not None:
