@@ -17,6 +17,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -106,13 +107,19 @@ def random_tensor(key: str, shape: torch.Size, generator: torch.Generator) -> to
     return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
 
 
-def write_checkpoint(shapes: dict[str, torch.Size], path: Path, seed: int = 0, label: str = "random") -> Path:
-    """Write random fp16 tensors of these shapes to ``path`` (through a temporary file)."""
+def write_checkpoint(shapes: dict[str, torch.Size], path: Path, seed: int = 0, label: str = "random",
+                     dtype: torch.dtype = torch.float16,
+                     fill: Callable[[str, torch.Size, torch.Generator], torch.Tensor] | None = None) -> Path:
+    """Write random tensors of these shapes (``fill``'s recipe, :func:`random_tensor`'s unless told)
+    in ``dtype`` to ``path``, through a temporary file: an interrupted write leaves no partial file,
+    and the same seed gives the same bytes."""
     from safetensors.torch import save_file
 
+    fill = fill or random_tensor
     path = Path(path)
     generator = torch.Generator().manual_seed(seed)
-    state = {key: random_tensor(key, shape, generator).to(torch.float16) for key, shape in sorted(shapes.items())}
+    # converted tensor by tensor: a large model never exists in fp32 at once
+    state = {key: fill(key, shape, generator).to(dtype) for key, shape in sorted(shapes.items())}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:

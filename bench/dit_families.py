@@ -29,18 +29,17 @@ import copy
 import importlib
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from bench.checkpoints import random_tensor
+from bench.checkpoints import random_tensor, write_checkpoint
 from bench.common import machine, machine_line, markdown_table, peak_rss_gb, rss_gb
 
 if TYPE_CHECKING:
@@ -251,26 +250,6 @@ def _import_class(dotted: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def _write_random(shapes: dict[str, torch.Size], path: Path, seed: int, dtype: torch.dtype, label: str,
-                  fill: Callable[[str, torch.Size, torch.Generator], torch.Tensor] = random_tensor) -> Path:
-    """Write random tensors of these shapes (``fill``'s recipe, ``random_tensor``'s unless told)
-    to ``path`` atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    generator = torch.Generator().manual_seed(seed)
-    # converted tensor by tensor: a 0.9 B model never exists in fp32 at once
-    state = {key: fill(key, shapes[key], generator).to(dtype) for key in sorted(shapes)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        save_file(state, str(partial), metadata={"iteris_bench": f"{label} seed={seed}"})
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
-
-
 def diffusion_model_shapes(name: str) -> dict[str, torch.Size]:
     """Key -> shape of the family's diffusion model, built on the meta device by the
     ``supported_models`` class that ComfyUI's detection picks for its config."""
@@ -291,7 +270,7 @@ def write_diffusion_model(family: str, path: Path, seed: int = 0, dtype: torch.d
     """Write the family's random diffusion model to ``path`` (bare keys, as UNETLoader files are)
     and return ``path``. ``comfy.sd.load_diffusion_model(path)`` detects it as the family; the same
     seed gives the same bytes; an interrupted write leaves no partial file."""
-    return _write_random(diffusion_model_shapes(family), path, seed, dtype, f"tiny {family} diffusion model")
+    return write_checkpoint(diffusion_model_shapes(family), path, seed, f"tiny {family} diffusion model", dtype)
 
 
 def _text_encoder_config(te: TextEncoderFile) -> dict:
@@ -324,8 +303,8 @@ def write_text_encoders(family: str, folder: Path, seed: int = 0) -> list[Path]:
     """Write the family's random text encoders (bf16, one ``.safetensors`` each) into ``folder``;
     return their paths, to give to :func:`load_text_encoder`."""
     fam = get_family(family)
-    return [_write_random(text_encoder_shapes(te), Path(folder) / text_encoder_file_name(family, te),
-                          seed + index, torch.bfloat16, f"tiny {family} {te.name}")
+    return [write_checkpoint(text_encoder_shapes(te), Path(folder) / text_encoder_file_name(family, te),
+                             seed + index, f"tiny {family} {te.name}", torch.bfloat16)
             for index, te in enumerate(fam.text_encoders)]
 
 
@@ -384,8 +363,8 @@ def write_vae(family: str, vae_folder: Path, vae_approx_folder: Path, seed: int 
     vae = VAE_TABLE[get_family(family).vae]
     folder = Path({"vae": vae_folder, "vae_approx": vae_approx_folder}[vae.folder])
     for index, vae_file in enumerate(vae.files):
-        _write_random(vae_shapes(vae_file), folder / vae_file.file_name, seed + index, torch.bfloat16,
-                      f"tiny {vae.vae_name} VAE", fill=_vae_tensor)
+        write_checkpoint(vae_shapes(vae_file), folder / vae_file.file_name, seed + index,
+                         f"tiny {vae.vae_name} VAE", torch.bfloat16, fill=_vae_tensor)
     return vae.vae_name
 
 

@@ -174,6 +174,20 @@ def measure_merge(backend, loras: list, prompts: list[list[str]], settings, repe
             "report": report, "lora": result.lora}
 
 
+def add_concept_nodes(graph: dict, loras: list[Path], prompts: list[list[str]], negative_prompt: str) -> str:
+    """Add a chain of LoRA Concept nodes ("10", "11", ...) to an API-format ``graph``; return the
+    id of the last one (the merge node's ``concepts``)."""
+    previous = None
+    for i, (lora, concept_prompts) in enumerate(zip(loras, prompts)):
+        inputs = {"lora_name": lora.name, "strength_model": 1.0, "strength_clip": 1.0,
+                  "prompts": "\n".join(concept_prompts), "negative_prompt": negative_prompt}
+        if previous:
+            inputs["previous"] = [previous, 0]
+        previous = str(10 + i)
+        graph[previous] = {"class_type": "IterIS_LoraConcept", "inputs": inputs}
+    return previous
+
+
 def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings, text_passes: int,
               unet_passes: int, pytorch_attention: bool, repeats: int = 1) -> dict:
     """The same merge through the ComfyUI node, in-process, on the same checkpoint; and the same
@@ -198,14 +212,7 @@ def run_nodes(path: Path, loras: list[Path], prompts: list[list[str]], settings,
     load_pack(nodes)
     sampling = settings.sampling
     graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": path.name}}}
-    previous = None
-    for i, (lora, concept_prompts) in enumerate(zip(loras, prompts)):
-        inputs = {"lora_name": lora.name, "strength_model": 1.0, "strength_clip": 1.0,
-                  "prompts": "\n".join(concept_prompts), "negative_prompt": "blurry"}
-        if previous:
-            inputs["previous"] = [previous, 0]
-        previous = str(10 + i)
-        graph[previous] = {"class_type": "IterIS_LoraConcept", "inputs": inputs}
+    previous = add_concept_nodes(graph, loras, prompts, "blurry")
 
     def merge(method: str, seed: int = sampling.seed) -> dict:
         return {**graph, "4": {"class_type": "IterIS_MergeLoras", "inputs": {

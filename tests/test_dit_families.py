@@ -187,6 +187,14 @@ def sd1_lora(comfy_state) -> str:
     return "made_for_sd15.safetensors"
 
 
+def _pack_engine(comfy_nodes) -> tuple:
+    """The node pack's own merge-node and backend modules and its engine package name (the backend
+    raises and catches that engine's classes, so tests drive the engine the pack imported)."""
+    package = comfy_nodes.NODE_CLASS_MAPPINGS["IterIS_MergeLoras"].__module__.rsplit(".", 1)[0]
+    merge_node, comfy_backend = (sys.modules[f"{package}.{m}"] for m in ("merge_node", "comfy_backend"))
+    return merge_node, comfy_backend, package.rsplit(".", 1)[0] + ".iteris_core"
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16], ids=["fp8_e4m3fn", "bf16"])
 def test_low_precision_weights_merge_like_loraloader(tiny, comfy_nodes, dtype):
     """What GPU users run (UNETLoader's fp8_e4m3fn, ``--bf16-unet``: both set the model's weight
@@ -201,10 +209,7 @@ def test_low_precision_weights_merge_like_loraloader(tiny, comfy_nodes, dtype):
     model = comfy.sd.load_diffusion_model(folder_paths.get_full_path("diffusion_models", tiny.unet_name),
                                           model_options={"dtype": dtype})
     assert model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == dtype
-    # the node pack's own modules, and its own engine: the backend raises and catches that engine's classes
-    package = comfy_nodes.NODE_CLASS_MAPPINGS["IterIS_MergeLoras"].__module__.rsplit(".", 1)[0]
-    merge_node, comfy_backend = (sys.modules[f"{package}.{m}"] for m in ("merge_node", "comfy_backend"))
-    engine = package.rsplit(".", 1)[0] + ".iteris_core"
+    merge_node, comfy_backend, engine = _pack_engine(comfy_nodes)
     Concept, merge_loras = sys.modules[engine + ".api"].Concept, sys.modules[engine + ".api"].merge_loras
     read_lora_file = sys.modules[engine + ".lora_io"].read_lora_file
     backend = comfy_backend.ComfyBackend(model, tiny.clip)
@@ -217,14 +222,6 @@ def test_low_precision_weights_merge_like_loraloader(tiny, comfy_nodes, dtype):
     theirs = denoise(tiny.family, *reference, PROMPTS["a"])
     assert relative(theirs, base) > 1e-3
     assert relative(denoise(tiny.family, *ours, PROMPTS["a"]), theirs) < 2e-2
-
-
-def _pack_engine(comfy_nodes) -> tuple:
-    """The node pack's own merge-node and backend modules and its engine package name (the backend
-    raises and catches that engine's classes, so tests drive the engine the pack imported)."""
-    package = comfy_nodes.NODE_CLASS_MAPPINGS["IterIS_MergeLoras"].__module__.rsplit(".", 1)[0]
-    merge_node, comfy_backend = (sys.modules[f"{package}.{m}"] for m in ("merge_node", "comfy_backend"))
-    return merge_node, comfy_backend, package.rsplit(".", 1)[0] + ".iteris_core"
 
 
 def test_a_statistics_budget_keeps_the_two_lora_merge_exact(tiny, comfy_nodes):
