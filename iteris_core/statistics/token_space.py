@@ -35,6 +35,7 @@ class TokenSpaceInput(InputStatistics):
     def __init__(self, context, group: str, plans: list[LayerPlan], limit: int):
         self.limit = limit
         self.blocks: list[torch.Tensor] = []
+        self.block_grams: list[torch.Tensor] = []   # Z_j Z_j^T: the product's diagonal blocks
         super().__init__(context, group, plans)
 
     def new_layer(self, plan: LayerPlan) -> TokenLayer:
@@ -75,7 +76,8 @@ class TokenSpaceInput(InputStatistics):
         self.blocks.append(torch.cat(self.chunks))   # this concept's block Z_i
         self.chunks = []
         block = self.blocks[-1]
-        return frobenius(block @ block.T) / tokens    # ||Z^T Z|| = ||Z Z^T||
+        self.block_grams.append(block @ block.T)
+        return frobenius(self.block_grams[-1]) / tokens    # ||Z^T Z|| = ||Z Z^T||
 
     def fold(self, layer: TokenLayer, concept: int, lam: float, tokens: int, gram_norm: float, cross_norm: float) -> None:
         layer.weights.append(lam / tokens)
@@ -92,7 +94,7 @@ class TokenSpaceInput(InputStatistics):
 
     def solve(self) -> dict[str, LowRankDelta]:
         stacked = torch.cat(self.blocks).to(self.context.system_device)
-        product = stacked @ stacked.T   # Z and Z Z^T, shared by the input's layers
+        product = self._token_gram(stacked.device)   # Z Z^T, shared by the input's layers
         sizes = [b.shape[0] for b in self.blocks]
         merged = {name: solve_token_space(stacked, sizes, layer.weights, layer.shift, product, layer.terms,
                                           self.context.regularization, name)
@@ -100,6 +102,23 @@ class TokenSpaceInput(InputStatistics):
         for layer in self.layers.values():
             layer.weights, layer.terms = [], []
         return merged
+
+    def _token_gram(self, device: torch.device) -> torch.Tensor:
+        """``Z Z^T`` of the stacked blocks: the diagonal blocks are the concepts' own ``Z_j Z_j^T``,
+        already formed for their norms, so only the blocks above the diagonal are multiplied (for
+        two concepts, a quarter of the product; it is the largest cost of a wide token-space input)."""
+        sizes = [b.shape[0] for b in self.blocks]
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        total = sum(sizes)
+        product = torch.empty(total, total, dtype=torch.float32, device=device)
+        for i, (block, gram) in enumerate(zip(self.blocks, self.block_grams)):
+            a, b = starts[i], starts[i] + sizes[i]
+            product[a:b, a:b] = gram
+            for j in range(i + 1, len(self.blocks)):
+                c, d = starts[j], starts[j] + sizes[j]
+                product[a:b, c:d] = block @ self.blocks[j].T
+                product[c:d, a:b] = product[a:b, c:d].T
+        return product
 
     # -- leaving token space ------------------------------------------------------------------
     def to_dense(self, dense_class: type[DenseInput]) -> DenseInput:
