@@ -3,11 +3,13 @@
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
+from .compare_node import IterisCompareGrid
 from .concept_node import IterisLoraConcept
 from .merge_node import IterisMergeLoras
 from .save_node import IterisSaveLora
+from .stack_node import IterisLoraStack
 
-NODES = [IterisLoraConcept, IterisMergeLoras, IterisSaveLora]
+NODES = [IterisLoraConcept, IterisLoraStack, IterisMergeLoras, IterisSaveLora, IterisCompareGrid]
 
 
 class IterisExtension(ComfyExtension):

@@ -223,6 +223,18 @@ class ComfyBackend(ModuleTableMixin):
                        seed=int(seeds[0]))
         return kept
 
+    def render(self, positive: Conditioning, negative: Conditioning | None, seed: int, settings: SamplingSettings,
+               on_step: StepCallback) -> torch.Tensor:
+        """One image's final latent, sampled as KSampler samples it (with the family's guidance)."""
+        positive, negative, cfg = self._conditioning(positive, negative, settings)
+        latent = self._empty_latent(1, settings)
+        noise = comfy.sample.prepare_noise(latent, int(seed))
+        sampler = comfy.samplers.KSampler(self.model, steps=settings.steps, device=self.device,
+                                          sampler=settings.sampler, scheduler=settings.scheduler, denoise=1.0,
+                                          model_options=self.model.model_options)
+        return sampler.sample(noise, positive, negative, cfg=cfg, latent_image=latent,
+                              callback=lambda step, *_: on_step(step), disable_pbar=True, seed=int(seed))
+
     def replay(self, positive: Conditioning, negative: Conditioning | None, samples: Sequence[LatentSample],
                settings: SamplingSettings) -> None:
         positive, negative, cfg = self._conditioning(positive, negative, settings)

@@ -190,7 +190,8 @@ class IterisMergeLoras(io.ComfyNode):
             logging.info("IterIS: same inputs as an earlier merge, reusing its result")
         else:
             backend = ComfyBackend(model, clip)
-            inputs = [Concept(c.lora, list(c.prompts), c.strength_model, c.strength_clip, c.negative_prompt,
+            # prompts made from the file are made again by the engine, whose report then says from what
+            inputs = [Concept(c.lora, list(c.prompts) if c.prompt_source == "typed" else [], c.strength_model, c.strength_clip, c.negative_prompt,
                               name=c.lora_name) for c in concepts]
             samples = cache.SAMPLES.setdefault(base_key, dict)
             with comfy_interrupts():

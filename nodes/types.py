@@ -23,6 +23,7 @@ class ConceptSpec:
     prompts: tuple[str, ...]
     negative_prompt: str
     lora: LoraFile = field(compare=False, hash=False, repr=False)
+    prompt_source: str = "typed"   # or where the prompts were made from (the file's metadata)
 
     def key(self) -> tuple:
         """Everything about the concept that changes a merge (the file by content, not by name)."""

@@ -18,6 +18,7 @@ from iteris_core.lora_normalize import load_lora
 from iteris_core.lora_writer import MergedLora
 
 LAYERS = r"(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_proj|ff\.net\.(0\.proj|2)|resnets\.0\.conv1|proj_in)$"
+LABEL_HEIGHT = 24   # the grid's label strips (nodes/compare_node.py)
 FAST = {"method": "iteris", "iterations": 2, "regularization": 1e-4, "samples_per_prompt": 1, "timesteps": 2,
         "steps": 4, "cfg": 5.0, "seed": 0, "rank": 0, "width": 64, "height": 64, "batch_size": 2,
         "merge_text_encoder": True, "max_tokens": 0, "statistics_budget": 0.0, "sampler": "default", "scheduler": "default", "guidance": 0.0}
@@ -87,7 +88,8 @@ def merged_run(pack, loras):
 
 
 def test_pack_registers_every_node_with_tooltips(pack, comfy_nodes):
-    assert set(pack) == {"IterIS_LoraConcept", "IterIS_MergeLoras", "IterIS_SaveLora"}
+    assert set(pack) == {"IterIS_LoraConcept", "IterIS_LoraStack", "IterIS_MergeLoras", "IterIS_SaveLora",
+                         "IterIS_CompareGrid"}
     for node in pack.values():
         spec = node.INPUT_TYPES()
         for section in ("required", "optional"):
@@ -218,7 +220,6 @@ def test_a_corrupt_file_is_refused_by_the_concept_node(pack, loras):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"10": {"prompts": "  \n# only a comment\n"}}, "write at least one prompt"),
     ({"5": {"filename": "../escape"}}, "may not contain folders or '..'"),
     ({"10": {"lora_name": "missing.safetensors"}}, "is not in models/loras"),
     ({"4": {"iterations": 99}}, "iterations must be between 0 and 50"),
@@ -234,6 +235,116 @@ def test_bad_inputs_are_refused_before_anything_runs(pack, loras, change, words)
     assert not ok and messages[0][0] == "validation"
     assert words in str(messages[0][2])
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.fixture(scope="module")
+def tagged_lora(loras, table) -> str:
+    """A kohya-style LoRA whose metadata says what it was trained on (folder ``10_sks dog``, tags)."""
+    import json
+
+    from iteris_core.lora_io import atomic_write_safetensors
+
+    folder, _ = loras
+    deltas = random_lora_deltas(table, 5, rank=4, scale=0.2, include=LAYERS)
+    metadata = {"ss_dataset_dirs": json.dumps({"10_sks dog": {"n_repeats": 10, "img_count": 12}}),
+                "ss_tag_frequency": json.dumps({"10_sks dog": {"sks dog": 12, "grass": 9, "sitting": 7}})}
+    atomic_write_safetensors(MergedLora(deltas, table).state_dict(torch.float32), folder / "tagged_dog.safetensors",
+                             metadata, overwrite=True)
+    return "tagged_dog.safetensors"
+
+
+def test_empty_prompts_are_made_from_the_loras_metadata_and_shown(pack, loras, tagged_lora):
+    prompt = graph(loras, concepts=(tagged_lora, "style"), save_name="from_metadata")
+    prompt["10"]["inputs"]["prompts"] = "  \n# only a comment\n"
+    prompt["20"] = {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}}
+    executor = make_executor()
+    ok, messages, outputs = run_prompt(prompt, executor)
+    assert ok, messages
+    shown = outputs_of(executor, "10")[1]
+    assert "sks dog" in shown and len(shown.splitlines()) >= 2
+    assert any("10_sks dog" in text for text in outputs["10"]["text"])     # the node says where they came from
+    report = outputs_of(executor, "4")[3]
+    assert "10_sks dog" in report                                          # and so does the merge's report
+    typed = graph(loras, concepts=(tagged_lora, "style"), save_name="typed")
+    typed["20"] = {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}}
+    executor = make_executor()
+    assert run_prompt(typed, executor)[0]
+    assert outputs_of(executor, "10")[1] == "a photo"                      # typed prompts win
+
+
+def test_empty_prompts_without_metadata_ask_for_prompts(pack, loras):
+    prompt = graph(loras, save_name="never")
+    prompt["10"]["inputs"]["prompts"] = ""
+    ok, messages, _ = run_prompt(prompt)
+    error = next(m[1] for m in messages if m[0] == "execution_error")
+    assert not ok and error["node_type"] == "IterIS_LoraConcept"
+    assert "dog.safetensors" in error["exception_message"] and "prompt" in error["exception_message"]
+
+
+def test_a_lora_stack_merges_like_the_same_concepts_chained_by_hand(pack, loras, merged_run, comfy_nodes):
+    from dit_fixtures import load_test_nodes
+
+    load_test_nodes(comfy_nodes)
+    _folder, names = loras
+    by_hand = outputs_of(merged_run[0], "4")[2]
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+              "2": {"class_type": "IterISTest_LoraStacker", "inputs": {
+                  "lora_names": f"{names['dog']}, None, {names['style']}", "strengths_model": "1.0, 1.0, 0.9",
+                  "strengths_clip": "1.0, 1.0, 1.0"}},
+              "3": {"class_type": "IterIS_LoraStack", "inputs": {
+                  "lora_stack": ["2", 0], "prompts": "a photo of sks dog\nsks dog on the grass\n---\na painting in xyz style"}},
+              "4": {"class_type": "IterIS_MergeLoras",
+                    "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["3", 0], **FAST}},
+              "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 3]}}}
+    executor = make_executor()
+    ok, messages, _ = run_prompt(prompt, executor)
+    assert ok, messages
+    stacked = outputs_of(executor, "4")[2]
+    assert set(stacked) == set(by_hand)
+    for key, tensor in by_hand.items():
+        assert torch.allclose(stacked[key], tensor, rtol=1e-5, atol=1e-7), key
+    assert outputs_of(executor, "3")[1].count("---") == 1
+
+
+def test_a_bad_lora_stack_is_refused_naming_the_entry(pack, loras, comfy_nodes):
+    from dit_fixtures import load_test_nodes
+
+    load_test_nodes(comfy_nodes)
+    _folder, names = loras
+    prompt = {"2": {"class_type": "IterISTest_LoraStacker", "inputs": {
+                  "lora_names": f"{names['dog']}, missing.safetensors", "strengths_model": "1.0, 1.0",
+                  "strengths_clip": "1.0, 1.0"}},
+              "3": {"class_type": "IterIS_LoraStack", "inputs": {"lora_stack": ["2", 0], "prompts": "a\n---\nb"}},
+              "5": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}}
+    ok, messages, _ = run_prompt(prompt)
+    error = next(m[1] for m in messages if m[0] == "execution_error")
+    assert not ok and "missing.safetensors" in error["exception_message"]
+
+
+def _with_grid(prompt: dict, concepts_node: str) -> dict:
+    prompt["6"] = {"class_type": "IterIS_CompareGrid", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "concepts": [concepts_node, 0],
+        "merged_model": ["4", 0], "merged_clip": ["4", 1], "seed": 3, "steps": 3, "sampler": "default",
+        "scheduler": "default", "cfg": 0.0, "guidance": 0.0, "width": 64, "height": 64}}
+    prompt["7"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}
+    return prompt
+
+
+def test_the_grid_shows_each_concepts_own_lora_beside_the_merge(pack, loras):
+
+    executor = make_executor()
+    ok, messages, _ = run_prompt(_with_grid(graph(loras, save_name="grid"), "11"), executor)
+    assert ok, messages
+    (image,) = outputs_of(executor, "6")
+    assert image.shape == (1, 2 * (LABEL_HEIGHT + 64), 2 * 64, 3)          # one row per concept, own | merged
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    # a one-LoRA merge reproduces the LoRA: its two pictures are the same (and not the other concept's)
+    ok, messages, _ = run_prompt(_with_grid(graph(loras, concepts=("dog",), save_name="grid1"), "10"), executor)
+    assert ok, messages
+    (single,) = outputs_of(executor, "6")
+    own, merged = single[0, LABEL_HEIGHT:, :64], single[0, LABEL_HEIGHT:, 64:]
+    assert float((own - merged).abs().max()) < 2e-2
+    assert float((own - image[0, LABEL_HEIGHT + 64 + LABEL_HEIGHT:, :64]).abs().mean()) > 1e-3
 
 
 def test_save_never_overwrites_unless_asked(pack, loras):

@@ -1,4 +1,5 @@
-"""A ComfyUI node pack for tests only: loads the tiny random text encoders of ``bench.dit_families``.
+"""A ComfyUI node pack for tests only: loads the tiny random text encoders of ``bench.dit_families``,
+and makes a ``LORA_STACK`` the way LoRA stacker packs (Efficiency Nodes, Comfyroll) do.
 
 ComfyUI's own CLIPLoader cannot pass the ``model_options`` that make those encoders tiny, so tests
 put this pack in a ``custom_nodes`` folder (usually as a symlink) next to the IterIS pack and use
@@ -49,5 +50,30 @@ class IterISTest_TinyTextEncoderLoader:
         return (load_text_encoder(family, paths),)
 
 
-NODE_CLASS_MAPPINGS = {"IterISTest_TinyTextEncoderLoader": IterISTest_TinyTextEncoderLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"IterISTest_TinyTextEncoderLoader": "Tiny text encoder loader (IterIS tests)"}
+class IterISTest_LoraStacker:
+    """A LORA_STACK as the stacker packs pass it: a list of (lora_name, strength_model, strength_clip),
+    with "None" for an empty slot."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "lora_names": ("STRING", {"default": "", "tooltip": "comma-separated names in models/loras; None: empty slot"}),
+            "strengths_model": ("STRING", {"default": "", "tooltip": "comma-separated, one per name"}),
+            "strengths_clip": ("STRING", {"default": "", "tooltip": "comma-separated, one per name"}),
+        }}
+
+    RETURN_TYPES = ("LORA_STACK",)
+    FUNCTION = "stack"
+    CATEGORY = "IterIS/tests"
+
+    def stack(self, lora_names: str, strengths_model: str, strengths_clip: str) -> tuple:
+        names = [n.strip() for n in lora_names.split(",")]
+        model = [float(v) for v in strengths_model.split(",")]
+        clip = [float(v) for v in strengths_clip.split(",")]
+        return ([(n, m, c) for n, m, c in zip(names, model, clip)],)
+
+
+NODE_CLASS_MAPPINGS = {"IterISTest_TinyTextEncoderLoader": IterISTest_TinyTextEncoderLoader,
+                       "IterISTest_LoraStacker": IterISTest_LoraStacker}
+NODE_DISPLAY_NAME_MAPPINGS = {"IterISTest_TinyTextEncoderLoader": "Tiny text encoder loader (IterIS tests)",
+                              "IterISTest_LoraStacker": "LoRA stacker (IterIS tests)"}
