@@ -1,7 +1,7 @@
 """Speed and memory of a merge against the bare forward passes it has to make.
 
     python -m bench.speed --arch sd15 --repeats 2                       # CPU, minutes: few samples
-    python -m bench.speed --arch sdxl --repeats 2                       # CPU, about 35 minutes, 19 GB RAM
+    python -m bench.speed --arch sdxl --statistics-budget 64            # CPU, about 20 minutes, 20 GB RAM
     python -m bench.speed --samples 2 --timesteps 4 --steps 20 --iterations 3 --batch-size 4 \
         --label defaults                                                # the node's defaults at 256 px
     python -m bench.speed --arch sd15 --device cuda --resolution 512    # users with a GPU
@@ -279,6 +279,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=0,
                         help="spatial tokens per sample for the statistics (0 = all, the default of the engine)")
     parser.add_argument("--no-nodes", action="store_true", help="skip the ComfyUI node run")
+    parser.add_argument("--statistics-budget", type=float, default=None,
+                        help="GB for the statistics (default: what the planner finds free; its estimate counts "
+                             "d x d sums where token-space inputs need far less)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run each merge and its floor this many times, alternating, and keep the fastest")
     parser.add_argument("--label", default="", help="suffix of the result files, to keep runs with other settings apart")
@@ -289,6 +292,7 @@ def main() -> None:
     from iteris_core.settings import MergeSettings, SamplingSettings
 
     settings = MergeSettings(iterations=args.iterations, tolerance=0.0, max_tokens_per_sample=args.max_tokens or None,
+                             statistics_budget_gb=args.statistics_budget,
                              sampling=SamplingSettings(
         samples_per_prompt=args.samples, timesteps=args.timesteps, steps=args.steps, guidance=7.5,
         width=args.resolution, height=args.resolution, batch_size=args.batch_size))

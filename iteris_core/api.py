@@ -164,6 +164,20 @@ def _keep_components(deltas: dict[str, LowRankDelta], settings: MergeSettings) -
             if (settings.merge_unet if n.startswith(UNET + ".") else settings.merge_text_encoder)}
 
 
+def _resident_bytes(backend: ModelBackend, components) -> int:
+    """Bytes of the model's weights that already live on its device (loaded models on the CPU, a
+    diffusers model moved to the GPU; ComfyUI loads its models to the GPU only when sampling)."""
+    device_type = torch.device(backend.device).type
+    seen, total = set(), 0
+    for component in components:
+        for root in backend.roots(component):
+            for tensor in list(root.parameters()) + list(root.buffers()):
+                if tensor.device.type == device_type and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSettings, forced: Placement | None):
     """The memory plan and placement of the statistics for this merge on this backend."""
     table = backend.layer_table()
@@ -171,9 +185,11 @@ def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSetting
     activations = backend.activation_bytes(settings.sampling)
     stages = loop.stage_plans()
     budget = None if settings.statistics_budget_gb is None else int(settings.statistics_budget_gb * GB)
+    free = available_bytes(backend.device)
+    if free is not None:   # weights already on the device are in the model's bytes, not free memory
+        free += _resident_bytes(backend, table.components)
     plan = choose_plan(backend.device, stages, settings.effective_iterations, model_bytes, activations,
-                       available_bytes(backend.device), forced, exact_cross_norm=settings.exact_cross_norm,
-                       budget_bytes=budget)
+                       free, forced, exact_cross_norm=settings.exact_cross_norm, budget_bytes=budget)
     return plan, {p.name for stage in stages for p in stage if p.subspace}
 
 
