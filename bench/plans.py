@@ -40,6 +40,7 @@ HOST_TARGET_GB = 32.0
 # Linear layers in a transformer block list, but not modulation (adaLN) layers
 DIT_TARGET = re.compile(r"(double_blocks|single_blocks|joint_blocks|transformer_blocks|layers|noise_refiner|"
                         r"context_refiner)\.\d+\.(?!.*(_mod\b|_mod\.|\bmod\.|modulation|adaLN))")
+ATTENTION = re.compile(ATTENTION_MLP)   # the engine's SD tables (diffusers names)
 SD_TARGET = re.compile(r"transformer_blocks\.\d+\.(attn\d|ff)\.|\.proj_(in|out)$|self_attn\.|\.mlp\.fc\d$")
 
 
@@ -111,20 +112,12 @@ def build(model: FullSize):
 def stage_plans(base, encoders: dict, target: re.Pattern, concepts: int) -> list[list]:
     """The (text encoders, denoiser) stage plans of ``concepts`` rank-16 LoRAs on the target layers
     (named as the ComfyUI backend names them)."""
-    from iteris_core.layers import LayerTable, input_group
-    from iteris_core.low_rank import LowRankDelta
-    from iteris_core.statistics import LayerPlan
+    from iteris_core.layers import LayerTable
 
-    named = [(f"unet.{n}", m) for n, m in base.diffusion_model.named_modules() if n and target.search(n)]
+    named = [(f"unet.{n}", m) for n, m in base.diffusion_model.named_modules() if n]
     for attribute, encoder in encoders.items():
-        named += [(f"{attribute}.{n}", m) for n, m in encoder.named_modules() if n and target.search(n)]
-    table = LayerTable.from_modules(named, architecture="plan")
-    delta = LowRankDelta(torch.zeros(1, RANK), torch.zeros(RANK, 1))
-    stages = {"text": [], "unet": []}
-    for name, info in table.layers.items():
-        stages["unet" if name.startswith("unet.") else "text"].append(
-            LayerPlan(name, info, input_group(name), [delta] * concepts))
-    return [stages["text"], stages["unet"]]
+        named += [(f"{attribute}.{n}", m) for n, m in encoder.named_modules() if n]
+    return stages_for(LayerTable.from_modules(named, architecture="plan"), concepts, target=target)
 
 
 def comfy_activation_bytes(base, family, side: int, rows: int) -> int:
@@ -222,7 +215,6 @@ def plan_row(model: FullSize, name: str, base, encoders, side: int, card_gb: flo
 
 
 # -- plans on the engine's own (diffusers-named) SD tables: bench/speed.py and the tests use these --
-ATTENTION = re.compile(ATTENTION_MLP)
 ARCHITECTURES = {   # parameters (UNet + text encoders), native side, target budget in GB
     "sd1": (860_000_000 + 123_000_000, 512, 8.0),
     "sd2": (865_000_000 + 340_000_000, 768, 8.0),
@@ -230,9 +222,9 @@ ARCHITECTURES = {   # parameters (UNet + text encoders), native side, target bud
 }
 
 
-def stages_for(table, concepts: int = 3, rank: int = RANK) -> list[list]:
-    """The text and UNet stage plans of a merge of ``concepts`` rank-``rank`` LoRAs on every
-    attention/MLP layer of ``table`` (only shapes matter to the planner)."""
+def stages_for(table, concepts: int = 3, rank: int = RANK, target: re.Pattern | None = None) -> list[list]:
+    """The text and UNet stage plans of a merge of ``concepts`` rank-``rank`` LoRAs on every layer
+    of ``table`` that ``target`` finds (default: attention/MLP; only shapes matter to the planner)."""
     from iteris_core.layers import input_group
     from iteris_core.low_rank import LowRankDelta
     from iteris_core.statistics import LayerPlan
@@ -240,7 +232,7 @@ def stages_for(table, concepts: int = 3, rank: int = RANK) -> list[list]:
     delta = LowRankDelta(torch.zeros(1, rank), torch.zeros(rank, 1))
     stages = {"text": [], "unet": []}
     for name, info in table.layers.items():
-        if ATTENTION.search(name):
+        if (target or ATTENTION).search(name):
             stages["unet" if name.startswith("unet.") else "text"].append(
                 LayerPlan(name, info, input_group(name), [delta] * concepts))
     return [stages["text"], stages["unet"]]
