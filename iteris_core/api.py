@@ -179,7 +179,9 @@ def _resident_bytes(backend: ModelBackend, components) -> int:
 
 
 def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSettings, forced: Placement | None):
-    """The memory plan and placement of the statistics for this merge on this backend."""
+    """The memory plan of the statistics for this merge on this backend, the layers it solves in
+    the row space, and the memory the plan had (free plus the model's weights already on the
+    device; None if unknown)."""
     table = backend.layer_table()
     model_bytes = sum(backend.weights_bytes(c) for c in table.components)
     activations = backend.activation_bytes(settings.sampling)
@@ -190,7 +192,7 @@ def _memory_plan(backend: ModelBackend, loop: IterisLoop, settings: MergeSetting
         free += _resident_bytes(backend, table.components)
     plan = choose_plan(backend.device, stages, settings.effective_iterations, model_bytes, activations,
                        free, forced, exact_cross_norm=settings.exact_cross_norm, budget_bytes=budget)
-    return plan, {p.name for stage in stages for p in stage if p.subspace}
+    return plan, {p.name for stage in stages for p in stage if p.subspace}, free
 
 
 def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], settings: MergeSettings | None = None,
@@ -246,15 +248,15 @@ def merge_loras(base: ModelBackend | str | Path, concepts: Sequence[Concept], se
         loop = IterisLoop(backend, prepared, settings, log=log, on_progress=on_progress, should_stop=should_stop,
                           sample_cache=sample_cache, sample_keys=keys)
         forced = Placement(statistics_device, statistics_device, settings.exact_cross_norm) if statistics_device else None
-        plan, subspace_layers = _memory_plan(backend, loop, settings, forced)
+        plan, subspace_layers, free = _memory_plan(backend, loop, settings, forced)
         loop.placement = plan.placement
         loop.set_groups({"text": plan.groups[0], "unet": plan.groups[1]})
         log(plan.describe())
-        free = available_bytes(backend.device)
-        if free is not None and plan.device_gb * 1024 ** 3 > free:
-            log(f"warning: only {free / 1024 ** 3:.2f} GB are free on {backend.device}; the merge may run out of "
-                "memory (lower the batch size or sub-sample tokens)")
-            report.warnings.append(f"planned {plan.device_gb:.2f} GB on {backend.device}, {free / 1024 ** 3:.2f} GB free")
+        if free is not None and plan.device_gb * GB > free:
+            log(f"warning: only {free / GB:.2f} GB are free on {backend.device} (counting the model's weights already "
+                "there); the merge may run out of memory (lower the batch size or sub-sample tokens)")
+            report.warnings.append(f"planned {plan.device_gb:.2f} GB on {backend.device}, {free / GB:.2f} GB free "
+                                   "with the model's weights")
         report.memory = plan.to_dict()
         try:
             text, unet = loop.run()

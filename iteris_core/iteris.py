@@ -134,6 +134,7 @@ class IterisLoop:
         # settings: a caller that passes a cache and a key per concept gets them reused
         self.sample_cache = sample_cache if sample_cache is not None else {}
         self.sample_keys = [None if k is None else (k, self.sampling) for k in sample_keys] if sample_keys else None
+        self.layer_groups: dict[str, list[list[str]]] = {}   # per stage; none: one group (set_groups)
         self.progress = Progress(self.planned_calls(), on_progress, should_stop)
         self.token_fraction = token_fraction   # 0: every layer with d x d sums (same result, for tests)
         self.own_side_bytes = 0                # host memory kept for the later iterations (largest stage)
@@ -209,7 +210,7 @@ class IterisLoop:
         self.progress.total = max(self.planned_calls(), 1)
 
     def _group_count(self, stage: str) -> int:
-        return max(len(getattr(self, "layer_groups", {}).get(stage, [])), 1)
+        return max(len(self.layer_groups.get(stage, [])), 1)
 
     def _iterate(self, stage: str, layers: list[str], roots: list[torch.nn.Module], run_pass: Pass,
                  early_stop: bool = False) -> StageResult:
@@ -217,7 +218,7 @@ class IterisLoop:
         them) gets its own pass over every concept's samples; a group's later passes stop right
         after its last layer when ``early_stop`` (the denoiser, whose replays allow it)."""
         plans = {p.name: p for p in self._plans(layers)}
-        groups = getattr(self, "layer_groups", {}).get(stage) or [layers]
+        groups = self.layer_groups.get(stage) or [layers]
         result = StageResult(merged={})
         pool = MatrixPool()   # the stage's d x d matrices, reused by every iteration
         dense_groups: set[str] = set()
