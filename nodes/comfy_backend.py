@@ -201,14 +201,17 @@ class ComfyBackend(ModuleTableMixin):
         return positive, negative, settings.guidance
 
     # -- denoiser --------------------------------------------------------------------------------
+    def _ksampler(self, settings: SamplingSettings) -> comfy.samplers.KSampler:
+        """KSampler's sampler with these settings' steps, sampler and scheduler, on this model."""
+        return comfy.samplers.KSampler(self.model, steps=settings.steps, device=self.device, sampler=settings.sampler,
+                                       scheduler=settings.scheduler, denoise=1.0, model_options=self.model.model_options)
+
     def sample(self, positive: Conditioning, negative: Conditioning | None, seeds: Sequence[int],
                settings: SamplingSettings, keep_steps: Sequence[int], on_step: StepCallback) -> list[list[LatentSample]]:
         positive, negative, cfg = self._conditioning(positive, negative, settings)
         latent = self._empty_latent(len(seeds), settings)
         noise = torch.cat([comfy.sample.prepare_noise(latent[j:j + 1], int(seed)) for j, seed in enumerate(seeds)])
-        sampler = comfy.samplers.KSampler(self.model, steps=settings.steps, device=self.device,
-                                          sampler=settings.sampler, scheduler=settings.scheduler, denoise=1.0,
-                                          model_options=self.model.model_options)
+        sampler = self._ksampler(settings)
         sigmas = sampler.sigmas.detach().cpu()
         keep = set(keep_steps)
         kept: list[list[LatentSample]] = [[] for _ in seeds]
@@ -229,9 +232,7 @@ class ComfyBackend(ModuleTableMixin):
         positive, negative, cfg = self._conditioning(positive, negative, settings)
         latent = self._empty_latent(1, settings)
         noise = comfy.sample.prepare_noise(latent, int(seed))
-        sampler = comfy.samplers.KSampler(self.model, steps=settings.steps, device=self.device,
-                                          sampler=settings.sampler, scheduler=settings.scheduler, denoise=1.0,
-                                          model_options=self.model.model_options)
+        sampler = self._ksampler(settings)
         return sampler.sample(noise, positive, negative, cfg=cfg, latent_image=latent,
                               callback=lambda step, *_: on_step(step), disable_pbar=True, seed=int(seed))
 

@@ -13,7 +13,7 @@ from comfy_api.v0_0_2 import io
 from PIL import Image, ImageDraw, ImageFont
 
 from ..iteris_core.errors import IterisError
-from .comfy_backend import ComfyBackend
+from .comfy_backend import ComfyBackend, family_of
 from .merge_node import DEFAULT, IterisMergeLoras
 from .progress import NodeProgress
 from .types import Concepts
@@ -87,7 +87,7 @@ class IterisCompareGrid(io.ComfyNode):
                 guidance, width, height) -> io.NodeOutput:
         if not concepts:
             raise IterisError("concepts is empty: connect the concepts the merge took")
-        family = ComfyBackend(model, clip).family
+        family = family_of(model)
         settings = IterisMergeLoras.settings(
             family, method="iteris", iterations=0, regularization=1e-4, rank=0, merge_text_encoder=True, max_tokens=0,
             statistics_budget=0.0, samples_per_prompt=1, timesteps=1, steps=steps, sampler=sampler,

@@ -63,7 +63,7 @@ class IterisLoraConcept(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name, strength_model, strength_clip, prompts) -> bool | str:
+    def validate_inputs(cls, lora_name, strength_model, strength_clip) -> bool | str:
         # linked inputs arrive as None here; ComfyUI checks neither combo values nor, once they are
         # named here, numeric ranges, so both are checked by hand
         if lora_name is not None and lora_path(lora_name) is None:

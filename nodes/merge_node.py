@@ -34,6 +34,11 @@ def _int(name: str, tooltip: str, **extra) -> io.Int.Input:
     return io.Int.Input(name, default=default, min=low, max=high, tooltip=tooltip, **extra)
 
 
+def _float(name: str, tooltip: str, **extra) -> io.Float.Input:
+    default, low, high = RANGES[name]
+    return io.Float.Input(name, default=default, min=low, max=high, tooltip=tooltip, **extra)
+
+
 def apply_merged_lora(model, clip, tensors: dict[str, torch.Tensor]):
     """MODEL and CLIP clones patched with the merged LoRA through ComfyUI's own LoRA loader, checking
     that every key lands on a weight (a key ComfyUI could not place would be a silently wrong model)."""
@@ -79,10 +84,9 @@ class IterisMergeLoras(io.ComfyNode):
                                        "ties: TIES-merging. Only iteris and regmean use the prompts."),
                 _int("iterations", "IterIS iterations after the first solve; each re-runs the concepts' samples "
                                    "through the merged model. 2-5 is usual; it stops early once nothing changes."),
-                io.Float.Input("regularization", default=RANGES["regularization"][0], min=0.0, max=1.0, step=1e-5,
-                               round=1e-7, tooltip="The paper's alpha: a small ridge that keeps the solve stable "
-                                                   "with few samples. 1e-4 works; raise it if a layer is reported "
-                                                   "singular."),
+                _float("regularization", "The paper's alpha: a small ridge that keeps the solve stable with few "
+                                         "samples. 1e-4 works; raise it if a layer is reported singular.",
+                       step=1e-5, round=1e-7),
                 _int("rank", "Rank of the merged LoRA. 0 keeps it exact (the sum of the input ranks); a lower "
                              "value truncates each layer and reports the error."),
                 io.Boolean.Input("merge_text_encoder", default=True,
@@ -90,11 +94,10 @@ class IterisMergeLoras(io.ComfyNode):
                                          "UNet layers only)."),
                 _int("max_tokens", "Spatial tokens per sample used for the statistics; 0 = all. A few hundred "
                                    "is faster at high resolution."),
-                io.Float.Input("statistics_budget", default=0.0, min=0.0, max=4096.0, step=0.5,
-                               display_name="statistics budget (GB)",
-                               tooltip="Memory the merge's statistics may take; 0 = what is free. When they do "
-                                       "not fit at once, the layers are merged in groups, each with its own passes "
-                                       "over the samples: every layer stays exact, the merge takes longer."),
+                _float("statistics_budget", "Memory the merge's statistics may take; 0 = what is free. When they "
+                                            "do not fit at once, the layers are merged in groups, each with its own "
+                                            "passes over the samples: every layer stays exact, the merge takes longer.",
+                       step=0.5, display_name="statistics budget (GB)"),
                 # how each concept's own images are sampled (changing these samples again)
                 _int("samples_per_prompt", "Images (seeds) sampled per concept prompt to collect layer inputs.",
                      display_name="samples per prompt"),
@@ -109,14 +112,12 @@ class IterisMergeLoras(io.ComfyNode):
                                default=DEFAULT, display_name="sample scheduler",
                                tooltip="KSampler's scheduler; default: the family's (normal for SD, simple for "
                                        "Flux.1, Chroma, Z-Image and Qwen-Image, sgm_uniform for SD3)."),
-                io.Float.Input("cfg", default=RANGES["cfg"][0], min=0.0, max=30.0, step=0.1, display_name="sample cfg",
-                               tooltip="KSampler's cfg for those trajectories; 0 = the family's usual value (7.5 "
-                                       "for SD, 1 for Flux.1 and Z-Image Turbo, 4 for Chroma, 4.5 for SD3.5, 2.5 "
-                                       "for Qwen-Image). 1 runs no negative prompt."),
-                io.Float.Input("guidance", default=RANGES["guidance"][0], min=0.0, max=100.0, step=0.1,
-                               display_name="sample guidance",
-                               tooltip="Guidance embedding of guidance-distilled models (FluxGuidance, Flux.1 "
-                                       "dev); 0 = the family's default (3.5). Other models ignore it."),
+                _float("cfg", "KSampler's cfg for those trajectories; 0 = the family's usual value (7.5 for SD, 1 "
+                              "for Flux.1 and Z-Image Turbo, 4 for Chroma, 4.5 for SD3.5, 2.5 for Qwen-Image). 1 runs "
+                              "no negative prompt.", step=0.1, display_name="sample cfg"),
+                _float("guidance", "Guidance embedding of guidance-distilled models (FluxGuidance, Flux.1 dev); 0 = "
+                                   "the family's default (3.5). Other models ignore it.",
+                       step=0.1, display_name="sample guidance"),
                 _int("seed", "First seed of the sampled trajectories (fixed: a new seed would sample again).",
                      display_name="sample seed", control_after_generate=False),
                 _int("width", "Width of the sampled images in pixels; 0 = the model's native size.", step=8,
@@ -191,8 +192,8 @@ class IterisMergeLoras(io.ComfyNode):
         else:
             backend = ComfyBackend(model, clip)
             # prompts made from the file are made again by the engine, whose report then says from what
-            inputs = [Concept(c.lora, list(c.prompts) if c.prompt_source == "typed" else [], c.strength_model, c.strength_clip, c.negative_prompt,
-                              name=c.lora_name) for c in concepts]
+            inputs = [Concept(c.lora, list(c.prompts) if c.prompt_source == "typed" else [], c.strength_model,
+                              c.strength_clip, c.negative_prompt, name=c.lora_name) for c in concepts]
             samples = cache.SAMPLES.setdefault(base_key, dict)
             with comfy_interrupts():
                 result = merge_loras(backend, inputs, settings, on_progress=NodeProgress(cls.hidden.unique_id),
