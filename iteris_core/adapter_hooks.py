@@ -170,7 +170,7 @@ class HookSession:
         self.max_tokens_per_sample = max_tokens_per_sample
         self.state: HookState | None = None
         self._handles: list = []
-        self._cache: dict[tuple, _Factors] = {}
+        self._cache: dict[tuple, tuple[LowRankDelta, _Factors]] = {}
         self._call = 0
         # per layer input: (root call, data pointer, token rows kept, call ordinal) of its last call
         self._group_inputs: dict[str, tuple[int, int, torch.Tensor | None, int]] = {}
@@ -205,15 +205,17 @@ class HookSession:
 
     # -- the hook --------------------------------------------------------------------------------
     def _factors(self, name: str, delta: LowRankDelta, like: torch.Tensor) -> _Factors:
+        # keyed by identity, so the entry keeps its delta alive: a freed delta's id can be reused by
+        # the next iteration's delta, which would then be applied with the old factors
         key = (name, id(delta), like.dtype, like.device)
-        cached = self._cache.get(key)
-        if cached is None:
-            cached = _Factors(delta.down.to(like.device, like.dtype),
-                              (delta.up * delta.scale).to(like.device, like.dtype))
+        entry = self._cache.get(key)
+        if entry is None or entry[0] is not delta:
+            entry = (delta, _Factors(delta.down.to(like.device, like.dtype),
+                                     (delta.up * delta.scale).to(like.device, like.dtype)))
             if len(self._cache) > 4 * len(self.modules):
                 self._cache.clear()
-            self._cache[key] = cached
-        return cached
+            self._cache[key] = entry
+        return entry[1]
 
     def _make_hook(self, name: str):
         def hook(module, args, output):

@@ -88,7 +88,7 @@ def test_early_stop_when_deltas_stop_moving():
     backend = ChainBackend(depth=depth)
     result = _merge(backend, _concepts(backend), iterations=20, tolerance=1e-5)
     unet = [r for r in result.report.iterations if r.stage == "unet"]
-    assert len(unet) <= depth + 1
+    assert len(unet) <= depth + 1, [r.max_change for r in unet]
     assert result.report.converged["unet"]
 
 

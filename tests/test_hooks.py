@@ -53,6 +53,22 @@ def test_side_paths_equal_patched_weights(kind):
     assert not module._forward_hooks  # removed on exit
 
 
+def test_each_new_delta_is_applied_even_where_a_freed_one_lived():
+    """Every iteration's merged deltas replace the last ones, which are freed; a new delta can then
+    get a freed one's id, and must still be applied with its own factors."""
+    module = nn.Linear(8, 8)
+    info = layer_info_from_module("unet.x", module)
+    x = torch.randn(4, 8)
+    session = HookSession({"unet.x": module}, {"unet.x": info}, [], {"unet.x": "unet.x"})
+    with session:
+        for round_ in range(40):
+            delta = _delta(info, 2, round_)
+            with session.active(HookState({"unet.x": delta})):
+                out = module(x)
+            assert torch.allclose(out, _patched(module, delta, x), atol=1e-5), round_
+            del delta
+
+
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_layer_ops_agree_with_unfolded_patches(kind):
     torch.manual_seed(0)
