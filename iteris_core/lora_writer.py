@@ -2,16 +2,26 @@
 
 kohya naming (``lora_unet_<diffusers path>``, ``lora_te_``/``lora_te1_``/``lora_te2_``) is the one
 that both ComfyUI's stock LoraLoader and diffusers' ``load_lora_weights`` map for SD1.x, SD2.x
-and SDXL; ComfyUI 0.3.75 does not map PEFT-style UNet keys. Each layer's scale is folded into its
-factors and alpha is written equal to the rank, so every loader computes scale 1: diffusers has
-been seen to give layers the most common alpha instead of their own.
+and SDXL; ComfyUI 0.3.75 does not map PEFT-style UNet keys.
+
+Every layer of a file carries the same alpha (:func:`file_alpha`), and the rest of its scale is
+folded into its factors, so that ``up @ down * alpha / rank`` is the merged delta. One alpha is
+what makes the file load the same everywhere: diffusers (0.42) turns per-layer alphas into a PEFT
+alpha pattern whose keys for some layers match no module (the UNet's mid-block attention layers,
+named after their attention processors; the layers of a ``CLIPTextModel``, SD1's encoder and
+SDXL's first, named with the ``text_model.`` that transformers 5 dropped from it), and those
+layers silently get the most common alpha (a rank-64 layer among rank-32 ones loads at half
+strength); with one alpha that is every layer's own. ComfyUI, kohya and our reader apply
+``alpha / rank`` per layer, which one alpha leaves exact.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -43,10 +53,20 @@ def kohya_module_key(name: str, table: LayerTable) -> str:
     raise ValueError(f"unknown component in layer name {name!r}")
 
 
-def balanced_factors(delta: LowRankDelta) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(up, down)`` with the scale folded in and each rank-1 term's two factors given equal
-    norms, which keeps both inside fp16's range and precision."""
-    up = delta.up.double() * delta.scale
+def file_alpha(ranks: Iterable[int]) -> float:
+    """The one alpha every layer of a file is written with: its most common rank (the larger on a
+    tie), so that the most layers have scale ``alpha / rank = 1``, as a loader that ignores alpha
+    assumes, and a file whose layers share one rank is written with alpha equal to it."""
+    counts = Counter(ranks)
+    return float(max(counts, key=lambda rank: (counts[rank], rank), default=1))   # 1: no layer reads it
+
+
+def balanced_factors(delta: LowRankDelta, alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)`` whose product times kohya's scale ``alpha / rank`` (1 when ``alpha`` is None)
+    is the delta, with each rank-1 term's two factors given equal norms, which keeps both inside
+    fp16's range and precision."""
+    loader_scale = 1.0 if alpha is None else alpha / delta.rank
+    up = delta.up.double() * (delta.scale / loader_scale)
     down = delta.down.double()
     up_norm = up.norm(dim=0)
     down_norm = down.norm(dim=1)
@@ -72,23 +92,26 @@ class MergedLora:
         return self.layers[name].dense().reshape(info.weight_shape)
 
     def state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        """kohya-format tensors: ``.lora_up.weight``, ``.lora_down.weight`` and ``.alpha`` per layer."""
+        """kohya-format tensors: ``.lora_up.weight``, ``.lora_down.weight`` and ``.alpha`` per layer,
+        every alpha the same (:func:`file_alpha`)."""
         out: dict[str, torch.Tensor] = {}
+        alpha = file_alpha(self.ranks().values())
         for name in sorted(self.layers):
             info = self.table[name]
-            up, down = balanced_factors(self.layers[name])
+            up, down = balanced_factors(self.layers[name], alpha)
             if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
                 raise ValueError(f"merged delta of layer {name} is not finite; refusing to write it")
             rank = up.shape[1]
+            layer_dtype = dtype
             if dtype == torch.float16 and max(up.abs().max(), down.abs().max()) > 6.0e4:
-                dtype = torch.float32  # out of fp16 range even after balancing: keep full precision
+                layer_dtype = torch.float32  # out of fp16 range even after balancing: keep full precision
             if info.kind == "conv":
                 up = up.reshape(info.out_features, rank, 1, 1)
                 down = down.reshape(rank, info.in_features, *info.kernel)
             key = kohya_module_key(name, self.table)
-            out[f"{key}.lora_up.weight"] = up.to(dtype)
-            out[f"{key}.lora_down.weight"] = down.to(dtype)
-            out[f"{key}.alpha"] = torch.tensor(float(rank))
+            out[f"{key}.lora_up.weight"] = up.to(layer_dtype)
+            out[f"{key}.lora_down.weight"] = down.to(layer_dtype)
+            out[f"{key}.alpha"] = torch.tensor(alpha)
         return out
 
     def file_metadata(self) -> dict[str, str]:

@@ -9,7 +9,7 @@ import torch
 from iteris_core.backends.diffusers_backend import DiffusersBackend
 from iteris_core.backends.tiny import TinySpec, build_tiny_pipeline, random_lora_deltas
 from iteris_core.lora_normalize import load_lora
-from iteris_core.lora_writer import MergedLora
+from iteris_core.lora_writer import MergedLora, kohya_module_key
 
 
 @pytest.mark.parametrize("sdxl", [False, True], ids=["sd1", "sdxl"])
@@ -55,3 +55,21 @@ def test_writer_refuses_non_finite(tmp_path, tiny_backend):
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         MergedLora(deltas, table).save(tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_only_a_layer_out_of_fp16_range_is_kept_in_fp32(tiny_backend):
+    table = tiny_backend.layer_table()
+    deltas = random_lora_deltas(table, seed=6)
+    huge = sorted(deltas)[0]    # written first: the layers after it must stay fp16
+    deltas[huge] = deltas[huge].scaled(1e12)
+    merged = MergedLora(deltas, table)
+    tensors = merged.state_dict(torch.float16)
+    key = kohya_module_key(huge, table)
+    assert tensors[f"{key}.lora_up.weight"].dtype == tensors[f"{key}.lora_down.weight"].dtype == torch.float32
+    others = {v.dtype for k, v in tensors.items() if not k.startswith(key + ".") and not k.endswith(".alpha")}
+    assert others == {torch.float16}
+    up, down = tensors[f"{key}.lora_up.weight"], tensors[f"{key}.lora_down.weight"]
+    alpha, rank = float(tensors[f"{key}.alpha"]), down.shape[0]
+    product = (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)) * alpha / rank
+    want = merged.dense(huge).reshape(product.shape)
+    assert (product - want).norm() / want.norm() < 1e-5
