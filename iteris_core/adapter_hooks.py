@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .statistics import PROBE_DTYPE, StageStatistics, sum_of_squares
+from .statistics import PROBE_DTYPE, SsrStatistics, StageStatistics, sum_of_squares
 from .layers import LayerInfo
 from .low_rank import LowRankDelta
 
@@ -142,7 +142,7 @@ class HookState:
     """
 
     deltas: dict[str, LowRankDelta] = field(default_factory=dict)
-    stats: StageStatistics | None = None
+    stats: StageStatistics | SsrStatistics | None = None
     concept: int = 0
     recording: bool = True
     store: OwnSideStore | None = None
@@ -230,7 +230,10 @@ class HookSession:
                 projected = self.ops[name].project(x, factors.down)   # A x, token rows (n x r)
                 side = projected @ factors.up_scaled.T                 # dW x
             if state.stats is not None and name in state.stats.layers:
-                self._collect(name, x, projected, side, state)
+                if isinstance(state.stats, SsrStatistics):
+                    self._collect_ssr(name, x, state)
+                else:
+                    self._collect(name, x, projected, side, state)
                 self.last_observed = name
                 if name == state.stop_after:
                     raise StopPass(name)
@@ -266,6 +269,15 @@ class HookSession:
                 state.store.put(key, index)
             return index
         return state.store.get(key, x) if count // x.shape[0] > self.max_tokens_per_sample else None
+
+    def _collect_ssr(self, name: str, x: torch.Tensor, state: HookState) -> None:
+        """SSR: the stacked projections ``z = A x`` of every token, in fp32 as the statistics, from
+        the passes of the concepts with a delta on the layer. Every token is used: the sums are
+        R x R, so sub-sampling would save little next to the forward pass and lose samples."""
+        stats = state.stats
+        if stats.wants(name, state.concept):
+            down = stats.stacked_down(name, x.device)
+            stats.observe(name, state.concept, self.ops[name].project(x.float(), down))
 
     def _collect(self, name: str, x: torch.Tensor, projected: torch.Tensor | None, side: torch.Tensor | None,
                  state: HookState) -> None:

@@ -9,6 +9,11 @@ moving or the iteration budget is spent. The UNet's samples are points of each c
 sampling trajectory; iteration 0 replays them with the concept's own LoRA and text conditioning,
 later iterations with the merged LoRA and the merged text encoder's conditioning. They are made
 once and reused unchanged in every iteration.
+
+SSR-Merge runs the same way with its own statistics (:class:`~.statistics.SsrStatistics`): one
+pass of each concept's own samples (iteration 0 only), on the text encoders with the concept's
+prompts as for IterIS, then on the denoiser; a stage whose layers are each changed by one
+concept only is merged without running the model.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .statistics import TOKEN_FRACTION, LayerPlan, LayerWeights, StageStatistics
+from .statistics import TOKEN_FRACTION, LayerPlan, LayerWeights, SsrStatistics, StageStatistics
 from .adapter_hooks import HookSession, HookState, OwnSideStore, StopPass
 from .buffers import MatrixPool
 from .backends.base import Conditioning, LatentSample, ModelBackend
@@ -28,7 +33,7 @@ from .errors import IterisError, MergeInterrupted, SettingsError
 from .layers import UNET, LayerTable, input_group
 from .low_rank import LowRankDelta
 from .memory import Placement
-from .settings import MergeSettings
+from .settings import MergeSettings, Method
 from .solver import row_space_basis
 
 ProgressFn = Callable[[int, int, str], None]
@@ -69,6 +74,7 @@ class StageResult:
     samples: int = 0                     # model inputs per concept (rows per pass)
     token_space_layers: list[str] = field(default_factory=list)   # solved through T x T systems
     unreached_layers: list[str] = field(default_factory=list)     # never run by the samples: not merged
+    layer_modes: dict[str, str] = field(default_factory=dict)     # how a layer was merged, where not the closed form
 
 
 def relative_change(new: LowRankDelta, old: LowRankDelta) -> float:
@@ -107,7 +113,7 @@ Samples = list[tuple[int, LatentSample]]                    # (prompt index, sam
 
 
 class IterisLoop:
-    """Runs IterIS (or RegMean: no iteration, uniform weights) on a backend."""
+    """Runs IterIS (or RegMean: no iteration, uniform weights; or SSR: its router, one pass) on a backend."""
 
     def __init__(self, backend: ModelBackend, concepts: list[PreparedConcept], settings: MergeSettings,
                  *, placement: Placement | None = None, log: LogFn | None = None,
@@ -138,6 +144,10 @@ class IterisLoop:
         self.progress = Progress(self.planned_calls(), on_progress, should_stop)
         self.token_fraction = token_fraction   # 0: every layer with d x d sums (same result, for tests)
         self.own_side_bytes = 0                # host memory kept for the later iterations (largest stage)
+        self.ssr = settings.method is Method.SSR
+        if self.ssr and settings.max_tokens_per_sample is not None:
+            self.log("SSR uses every token of its samples: its statistics are R x R per layer, so max_tokens_per_sample "
+                     "(which bounds d x d sums) does not apply")
 
     # -- planning --------------------------------------------------------------------------------
     def text_prompts(self, concept: PreparedConcept) -> list[str]:
@@ -175,9 +185,10 @@ class IterisLoop:
             deltas = [c.deltas.get(name) for c in self.concepts]
             present = [d for d in deltas if d is not None]
             width = self.settings.row_space_width
-            needs_row_space = width is not None and info.input_dim > width
+            # SSR keeps no d x d statistics: the row space would only lose accuracy
+            needs_row_space = width is not None and info.input_dim > width and not self.ssr
             basis = row_space_basis(present) if needs_row_space else None
-            plans.append(LayerPlan(name, info, input_group(name), deltas, basis))
+            plans.append(LayerPlan(name, info, input_group(name), deltas, basis, ssr=self.ssr))
         return plans
 
     # -- running ---------------------------------------------------------------------------------
@@ -195,7 +206,9 @@ class IterisLoop:
                            max_tokens_per_sample=self.settings.max_tokens_per_sample, seed=self.sampling.seed)
 
     def _stats(self, plans: list[LayerPlan], weights: dict[str, LayerWeights] | None,
-               pool: MatrixPool, dense_groups: set[str]) -> StageStatistics:
+               pool: MatrixPool, dense_groups: set[str]) -> StageStatistics | SsrStatistics:
+        if self.ssr:
+            return SsrStatistics(plans, self.settings.regularization, device=self.placement.scratch)
         return StageStatistics(plans, regularization=self.settings.regularization,
                                adaptive=self.settings.uses_adaptive_weights, device=self.placement.scratch,
                                system_device=self.placement.systems,
@@ -218,6 +231,8 @@ class IterisLoop:
         them) gets its own pass over every concept's samples; a group's later passes stop right
         after its last layer when ``early_stop`` (the denoiser, whose replays allow it)."""
         plans = {p.name: p for p in self._plans(layers)}
+        if self.ssr and not any(p.shared for p in plans.values()):
+            return self._unshared(stage, list(plans.values()))
         groups = self.layer_groups.get(stage) or [layers]
         result = StageResult(merged={})
         pool = MatrixPool()   # the stage's d x d matrices, reused by every iteration
@@ -257,6 +272,8 @@ class IterisLoop:
                         result.weights.update(stats.weights)
                         result.token_space_layers += stats.token_space_layers
                         result.unreached_layers += stats.unreached_layers
+                        if isinstance(stats, SsrStatistics):
+                            result.layer_modes.update(stats.modes)
                     dense_groups |= stats.dense_groups
                     objective.update(stats.relative_objective())
                     tick = time.perf_counter()
@@ -265,8 +282,13 @@ class IterisLoop:
                     if len(groups) > 1:
                         pool.clear()   # the next group's inputs may have other widths
                 if iteration == 0:
-                    self.log(f"[{stage}] {len(result.token_space_layers)} of {len(layers)} layers solved in token "
-                             "space (fewer tokens than half their input width)")
+                    if self.ssr:
+                        routed = sum(p.shared for p in plans.values())
+                        self.log(f"[{stage}] SSR: {routed} of {len(layers)} layers routed, the others changed by one "
+                                 "LoRA only and kept as they are")
+                    else:
+                        self.log(f"[{stage}] {len(result.token_space_layers)} of {len(layers)} layers solved in token "
+                                 "space (fewer tokens than half their input width)")
                     if result.unreached_layers:
                         self.log(f"[{stage}] {len(result.unreached_layers)} layers that the samples never run are left "
                                  f"out of the merge, e.g. {result.unreached_layers[0]}")
@@ -297,6 +319,15 @@ class IterisLoop:
                     break
         pool.clear()
         return result
+
+    def _unshared(self, stage: str, plans: list[LayerPlan]) -> StageResult:
+        """SSR on a stage where no layer is changed by two concepts: each layer keeps its one delta,
+        so the model need not run (the record says the stage took no pass)."""
+        stats = SsrStatistics(plans, self.settings.regularization)
+        self.log(f"[{stage}] SSR: each of the {len(plans)} layers is changed by one LoRA only: kept as they are, "
+                 "without sampling")
+        record = IterationRecord(stage, 0, 0.0)
+        return StageResult(merged=stats.solve(), iterations=[record], layer_modes=stats.modes)
 
     @staticmethod
     def _describe(record: IterationRecord) -> str:

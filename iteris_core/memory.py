@@ -8,7 +8,9 @@ width (with, for packed storage, its triangle index) counted with them. Weights 
 own parameter bytes. Activations are an analytical estimate of one batch's UNet forward
 (the largest forward the merge makes), checked against measured peaks by ``bench/speed.py``.
 The concepts' own-side projections that iterations reuse are kept in host memory: the engine
-reports their measured size, :func:`own_side_bytes` estimates it from token counts.
+reports their measured size, :func:`own_side_bytes` estimates it from token counts. SSR's
+statistics are two ``R x R`` sums per layer two or more LoRAs change (``R`` their summed rank)
+and the layer's stacked factors, counted as small; it keeps no ``d x d`` matrix.
 
 Placements, tried in order until one fits the free memory of the device:
 1. everything next to the activations, cross norms exact;
@@ -75,6 +77,10 @@ def stage_bytes(plans: list[LayerPlan], iterations: int) -> StageBytes:
     for plan in plans:
         d = plan.info.input_dim
         rank = sum(delta.rank for delta in plan.deltas if delta is not None)
+        if plan.ssr:
+            if plan.shared:   # G and Q, the stacked down (R x d) and up (o x R) matrices; none if passed through
+                small += 4 * (2 * rank * rank + rank * d + plan.info.out_features * rank)
+            continue
         groups.setdefault(plan.group, plan)
         if plan.subspace:
             r = plan.basis.shape[0]

@@ -26,7 +26,9 @@ class InputReport:
 @dataclass
 class LayerReport:
     rank: int
-    mode: str                               # "closed form" ("..., token space"), "row space", or the baseline's name
+    # "closed form" ("..., token space"), "row space", "ssr" (routed; "ssr, one LoRA (unchanged)" where a
+    # single LoRA changes the layer), or the baseline's name
+    mode: str
     objective: list[float] = field(default_factory=list)   # relative, per iteration >= 1
     change: list[float] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)     # lam_i per concept
@@ -56,8 +58,9 @@ class MergeReport:
         token_space = set(stage.token_space_layers)
         for name, delta in stage.merged.items():
             mode = "row space" if name in plans_subspace else "closed form"
+            mode += ", token space" if name in token_space else ""
             self.layers[name] = LayerReport(
-                rank=delta.rank, mode=mode + (", token space" if name in token_space else ""),
+                rank=delta.rank, mode=stage.layer_modes.get(name, mode),
                 objective=stage.layer_objective.get(name, []), change=stage.layer_change.get(name, []),
                 weights=list(stage.weights[name].lam) if name in stage.weights else [])
 
@@ -89,7 +92,8 @@ class MergeReport:
                          f"mean {record.mean_change:.2e}")
             lines.append(text)
         for stage, done in self.converged.items():
-            lines.append(f"  {stage}: {'converged' if done else 'stopped at the iteration limit'}")
+            if sum(r.stage == stage for r in self.iterations) > 1:   # one solve (RegMean, SSR): nothing to converge
+                lines.append(f"  {stage}: {'converged' if done else 'stopped at the iteration limit'}")
         errors = [l.truncation_error for l in self.layers.values() if l.truncation_error is not None]
         if errors:
             lines.append(f"  rank truncation: relative error mean {sum(errors) / len(errors):.3f}, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import SettingsError
 
@@ -18,11 +18,20 @@ class Method(str, enum.Enum):
     LINEAR = "linear"    # average of the deltas (strength / N each)
     CONCAT = "concat"    # sum of the deltas: what stacked LoraLoaders do
     TIES = "ties"        # trim, elect sign, disjoint mean on dense deltas, then factorised
+    # SSR-Merge (ICML 2026): per layer, the stacked LoRAs re-routed by an R x R router fitted on
+    # their projections of each concept's own inputs; one calibration pass, no iteration
+    SSR = "ssr"
 
     @property
     def needs_model(self) -> bool:
         """Whether the method runs the model to collect layer statistics."""
-        return self in (Method.ITERIS, Method.REGMEAN)
+        return self in (Method.ITERIS, Method.REGMEAN, Method.SSR)
+
+    @property
+    def sampling_defaults(self) -> dict[str, int]:
+        """The :class:`SamplingSettings` fields whose default differs for this method (what the
+        engine, the CLI and the node use when the caller sets none of them)."""
+        return dict(_SAMPLING_DEFAULTS.get(self.value, {}))
 
     @classmethod
     def parse(cls, value: str | Method) -> Method:
@@ -31,6 +40,11 @@ class Method(str, enum.Enum):
         except ValueError:
             choices = ", ".join(m.value for m in cls)
             raise SettingsError(f"method must be one of {choices}, got {value!r}") from None
+
+
+# SSR's runner calibrates on one seed per prompt with a single denoiser call at the start of
+# sampling (pure noise): one sample per prompt, the first step of the trajectory kept
+_SAMPLING_DEFAULTS: dict[str, dict[str, int]] = {"ssr": {"samples_per_prompt": 1, "timesteps": 1}}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -97,7 +111,9 @@ class MergeSettings:
 
     method: Method = Method.ITERIS
     iterations: int = 3          # IterIS iterations after iteration 0 (which is RegMean-like)
-    regularization: float = 1e-4  # the paper's alpha: ridge a*||G||_F*I added to each Gram matrix
+    # IterIS/RegMean: the paper's alpha, ridge a*||G||_F*I added to each Gram matrix (relative);
+    # SSR: its lambda, an absolute ridge lam*I on the mean R x R projection Gram
+    regularization: float = 1e-4
     adaptive_weights: bool = True  # the paper's lambda_i; RegMean uses uniform weights
     tolerance: float = 1e-3       # stop when every stage's relative change of the deltas is below
     rank: int | None = None       # None: exact merged rank (sum of input ranks); else truncate
@@ -116,10 +132,14 @@ class MergeSettings:
     exact_cross_norm: bool = False
     merge_text_encoder: bool = True
     merge_unet: bool = True
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    # None: the method's default sampling (SamplingSettings with Method.sampling_defaults); always
+    # a SamplingSettings once constructed
+    sampling: SamplingSettings = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method.parse(self.method))
+        if self.sampling is None:
+            object.__setattr__(self, "sampling", SamplingSettings(**self.method.sampling_defaults))
         _check(0 <= self.iterations <= 100, f"iterations must be between 0 and 100, got {self.iterations}")
         _check(self.regularization >= 0, f"regularization must be >= 0, got {self.regularization}")
         _check(self.tolerance >= 0, f"tolerance must be >= 0, got {self.tolerance}")
@@ -136,7 +156,7 @@ class MergeSettings:
 
     @property
     def effective_iterations(self) -> int:
-        """Iterations actually run after iteration 0 (RegMean never iterates)."""
+        """Iterations actually run after iteration 0 (RegMean and SSR never iterate)."""
         return self.iterations if self.method is Method.ITERIS else 0
 
     @property

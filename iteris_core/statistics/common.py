@@ -47,10 +47,16 @@ class LayerPlan:
     group: str
     deltas: list[LowRankDelta | None]    # per concept, at strength; None where it has none
     basis: torch.Tensor | None = None    # (R', d) orthonormal rows: solve in the LoRAs' row space
+    ssr: bool = False                    # merged by SSR's router: R x R statistics only (see .ssr)
 
     @property
     def subspace(self) -> bool:
         return self.basis is not None
+
+    @property
+    def shared(self) -> bool:
+        """Whether two or more concepts change the layer."""
+        return sum(d is not None for d in self.deltas) >= 2
 
 
 @dataclass
