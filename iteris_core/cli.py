@@ -69,10 +69,14 @@ def _read_prompts(parser: argparse.ArgumentParser, path: str) -> list[str]:
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     defaults = SamplingSettings()
     group = parser.add_argument_group("samples (each concept's own images feed the statistics)")
-    group.add_argument("--samples", type=int, default=defaults.samples_per_prompt, metavar="N",
-                       help="seeds sampled per prompt (default %(default)s)")
-    group.add_argument("--timesteps", type=int, default=defaults.timesteps, metavar="N",
-                       help="points kept along each sampling trajectory (default %(default)s)")
+    ssr = Method.SSR.sampling_defaults
+    # None: the method's default (SSR calibrates on fewer samples), so that only what is typed overrides it
+    group.add_argument("--samples", type=int, default=None, metavar="N",
+                       help=f"seeds sampled per prompt (default {defaults.samples_per_prompt}; "
+                            f"{ssr['samples_per_prompt']} for ssr)")
+    group.add_argument("--timesteps", type=int, default=None, metavar="N",
+                       help=f"points kept along each sampling trajectory (default {defaults.timesteps}; "
+                            f"{ssr['timesteps']} for ssr: the trajectory's first point, pure noise)")
     group.add_argument("--steps", type=int, default=defaults.steps, metavar="N",
                        help="Euler steps of each concept's own sampling trajectory (default %(default)s)")
     group.add_argument("--guidance", type=float, default=defaults.guidance, metavar="CFG",
@@ -119,12 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = MergeSettings()
     method = merge.add_argument_group("merge")
     method.add_argument("--method", default="iteris", choices=[m.value for m in Method],
-                        help="iteris (default); regmean; linear (average); concat (sum, like stacked "
-                             "loaders); ties")
+                        help="iteris (default); regmean; ssr (SSR-Merge: a router over the stacked LoRAs, "
+                             "one calibration pass); linear (average); concat (sum, like stacked loaders); ties")
     method.add_argument("--iterations", type=int, default=defaults.iterations,
                         help="IterIS iterations after the first solve (default %(default)s)")
     method.add_argument("--alpha", type=float, default=defaults.regularization,
-                        help="regularisation coefficient a of the ridge a*||G||_F*I (default %(default)s)")
+                        help="regularisation coefficient a of the ridge a*||G||_F*I (default %(default)s); for ssr "
+                             "the absolute ridge lambda*I on its mean projection Gram (default %(default)s)")
     method.add_argument("--tolerance", type=float, default=defaults.tolerance,
                         help="stop early when no layer's delta changes by more than this (default %(default)s)")
     method.add_argument("--rank", type=int, default=None,
@@ -164,11 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _method_sampling(method: Method, samples: int | None, timesteps: int | None) -> dict[str, int]:
+    """Samples per prompt and kept timesteps: what was typed, else the method's defaults."""
+    defaults = SamplingSettings(**method.sampling_defaults)
+    return {"samples_per_prompt": defaults.samples_per_prompt if samples is None else samples,
+            "timesteps": defaults.timesteps if timesteps is None else timesteps}
+
+
 def _settings(args) -> MergeSettings:
-    sampling = SamplingSettings(samples_per_prompt=args.samples, timesteps=args.timesteps, steps=args.steps,
+    method = Method.parse(args.method)
+    sampling = SamplingSettings(**_method_sampling(method, args.samples, args.timesteps), steps=args.steps,
                                 guidance=args.guidance, width=args.width, height=args.height, seed=args.seed,
                                 batch_size=args.batch_size)
-    return MergeSettings(method=Method.parse(args.method), iterations=args.iterations,
+    return MergeSettings(method=method, iterations=args.iterations,
                          regularization=args.alpha, tolerance=args.tolerance, rank=args.rank,
                          ties_density=args.ties_density, max_tokens_per_sample=args.max_tokens,
                          row_space_width=args.row_space_width, statistics_budget_gb=args.statistics_budget,

@@ -20,7 +20,7 @@ from .types import Concepts, LoraDict
 
 # widget -> (default, min, max): checked again in validate_inputs, which disables ComfyUI's own check
 RANGES = {
-    "iterations": (3, 0, 50), "samples_per_prompt": (2, 1, 64), "timesteps": (4, 1, 100), "steps": (0, 0, 200),
+    "iterations": (3, 0, 50), "samples_per_prompt": (0, 0, 64), "timesteps": (0, 0, 100), "steps": (0, 0, 200),
     "seed": (0, 0, 0xFFFFFFFF), "rank": (0, 0, 4096), "width": (0, 0, 8192), "height": (0, 0, 8192),
     "batch_size": (4, 1, 64), "max_tokens": (0, 0, 65536),
     "regularization": (1e-4, 0.0, 1.0), "cfg": (0.0, 0.0, 30.0), "guidance": (0.0, 0.0, 100.0),
@@ -79,13 +79,16 @@ class IterisMergeLoras(io.ComfyNode):
                 Concepts.Input("concepts", tooltip="The LoRAs to merge, from LoRA Concept (IterIS) nodes."),
                 # merge settings first: changing only these reuses the concepts' samples
                 io.Combo.Input("method", options=[m.value for m in Method], default=Method.ITERIS.value,
-                               tooltip="iteris: the paper's method. regmean: one solve, no iteration. linear: "
-                                       "average of the LoRAs. concat: their sum (what chained LoraLoaders do). "
-                                       "ties: TIES-merging. Only iteris and regmean use the prompts."),
+                               tooltip="iteris: the paper's method. regmean: one solve, no iteration. ssr: "
+                                       "SSR-Merge (ICML 2026), a small router over the stacked LoRAs fitted in one "
+                                       "calibration pass. linear: average of the LoRAs. concat: their sum (what "
+                                       "chained LoraLoaders do). ties: TIES-merging. Only iteris, regmean and ssr "
+                                       "use the prompts."),
                 _int("iterations", "IterIS iterations after the first solve; each re-runs the concepts' samples "
                                    "through the merged model. 2-5 is usual; it stops early once nothing changes."),
                 _float("regularization", "The paper's alpha: a small ridge that keeps the solve stable with few "
-                                         "samples. 1e-4 works; raise it if a layer is reported singular.",
+                                         "samples. 1e-4 works; raise it if a layer is reported singular. For ssr: "
+                                         "its lambda, an absolute ridge on the router's system (1e-4 as in SSR).",
                        step=1e-5, round=1e-7),
                 _int("rank", "Rank of the merged LoRA. 0 keeps it exact (the sum of the input ranks); a lower "
                              "value truncates each layer and reports the error."),
@@ -99,10 +102,12 @@ class IterisMergeLoras(io.ComfyNode):
                                             "passes over the samples: every layer stays exact, the merge takes longer.",
                        step=0.5, display_name="statistics budget (GB)"),
                 # how each concept's own images are sampled (changing these samples again)
-                _int("samples_per_prompt", "Images (seeds) sampled per concept prompt to collect layer inputs.",
+                _int("samples_per_prompt", "Images (seeds) sampled per concept prompt to collect layer inputs; "
+                                           "0 = the method's default (2; 1 for ssr).",
                      display_name="samples per prompt"),
-                _int("timesteps", "Points kept along each sampled trajectory; the statistics come from these.",
-                     display_name="kept timesteps"),
+                _int("timesteps", "Points kept along each sampled trajectory; the statistics come from these. "
+                                  "0 = the method's default (4; 1 for ssr: the first, pure-noise step, as SSR "
+                                  "calibrates).", display_name="kept timesteps"),
                 _int("steps", "Sampler steps of each concept's own trajectories; 0 = the family's usual "
                               "number (20; 4 for Flux.1 schnell, 8 for Z-Image).", display_name="sample steps"),
                 io.Combo.Input("sampler", options=[DEFAULT] + list(comfy.samplers.KSampler.SAMPLERS), default=DEFAULT,
@@ -158,8 +163,12 @@ class IterisMergeLoras(io.ComfyNode):
     def settings(family: Family, method, iterations, regularization, rank, merge_text_encoder, max_tokens,
                  statistics_budget, samples_per_prompt, timesteps, steps, sampler, scheduler, cfg, guidance, seed,
                  width, height, batch_size) -> MergeSettings:
-        """Typed settings, the family's defaults standing in for the inputs left at "default" / 0."""
+        """Typed settings, the family's defaults standing in for the inputs left at "default" / 0 (the
+        method's for samples per prompt and kept timesteps)."""
         defaults = family.defaults
+        method_sampling = SamplingSettings(**Method.parse(method).sampling_defaults)
+        samples_per_prompt = samples_per_prompt or method_sampling.samples_per_prompt
+        timesteps = timesteps or method_sampling.timesteps
         steps = steps or defaults.steps
         if timesteps > steps:
             raise SettingsError(f"timesteps ({timesteps}) cannot exceed the {steps} sample steps of {family.name}")
