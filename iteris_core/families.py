@@ -7,8 +7,9 @@ looks the answer up here, so nothing else in the pack asks "is this Flux?". Each
 the pack merges it (tested in CI, merged by the same generic code but untested, or refused), the
 sampling a user of that family would pick, and how merged files declare it in their metadata.
 
-:func:`guess_lora_family` reads a LoRA's keys, shapes and metadata to name the family it looks made
-for, only to explain a mismatch: placing keys is ComfyUI's (or the engine's readers') job.
+:func:`lora_origin` reads a LoRA's keys, shapes and metadata to name the families it looks made for:
+:func:`check_lora_family` refuses a LoRA for another family before any work, and mismatch messages
+name it. Placing keys stays ComfyUI's (or the engine's readers') job.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .errors import IterisError
+from .errors import BaseModelMismatchError, IterisError
 
 
 class Support(str, enum.Enum):
@@ -124,26 +125,65 @@ def family_of_comfy_class(class_name: str) -> Family:
 
 # --- which family a LoRA looks made for -------------------------------------------------------
 
-# key patterns, tried in order against keys with '.' spelled '_' (kohya flattens paths that way)
-_KEY_SIGNATURES: tuple[tuple[str, re.Pattern], ...] = tuple((label, re.compile(pattern)) for label, pattern in (
-    ("HiDream", r"(double|single)_stream_blocks_\d+_"),
-    ("a Flux.1-type model (Flux.1 dev/schnell, Chroma)", r"(^|_)(double_blocks|single_blocks|single_transformer_blocks)_\d+_"),
-    ("SD3 / SD3.5", r"joint_blocks_\d+_|(^|_)(x_block|context_block)_"),
-    ("Qwen-Image", r"transformer_blocks_\d+_(img_mlp|txt_mlp|img_mod|txt_mod|attn_add_[qkv]_proj)"),
-    ("Z-Image / Lumina 2", r"(noise_refiner|context_refiner)_\d+_|(^|_)layers_\d+_(attention_(qkv|out)|feed_forward_w[123]|adaLN)"),
-    ("Wan (video)", r"(^|_)blocks_\d+_(self_attn|cross_attn)_"),
-    ("SD3 / SD3.5", r"transformer_blocks_\d+_(attn_add_[qkv]_proj|ff_context)"),
-    ("SD", r"(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)_"),
-))
+_SD = frozenset({"sd1", "sd2", "sdxl", "sdxl_distilled"})
+_SDXL = frozenset({"sdxl", "sdxl_distilled"})
+_FLUX1 = frozenset({"flux_dev", "flux_schnell", "flux_fill", "chroma", "chroma_radiance"})
+_LUMINA = frozenset({"zimage", "lumina2"})
 
-_METADATA_FAMILIES = (   # substrings of ss_base_model_version / modelspec.architecture, in order
-    ("sdxl", "SDXL"), ("stable-diffusion-xl", "SDXL"), ("sd_v2", "SD2.x"), ("stable-diffusion-v2", "SD2.x"),
-    ("sd_v1", "SD1.x"), ("stable-diffusion-v1", "SD1.x"), ("flux-1-schnell", "Flux.1 schnell"),
-    ("flux1", "Flux.1"), ("flux-1", "Flux.1"), ("flux.1", "Flux.1"), ("flux2", "Flux.2"), ("flux-2", "Flux.2"),
-    ("chroma", "Chroma"), ("sd3", "SD3 / SD3.5"), ("stable-diffusion-v3", "SD3 / SD3.5"), ("z-image", "Z-Image"),
-    ("zimage", "Z-Image"), ("qwen", "Qwen-Image"), ("lumina", "Lumina Image 2.0"), ("hidream", "HiDream"),
-    ("wan", "Wan (video)"),
+
+@dataclass(frozen=True)
+class LoraOrigin:
+    """What a LoRA's keys or metadata say it was made for: a name for messages and the families
+    whose models it can patch (names that several families share give several)."""
+
+    name: str
+    family_ids: frozenset[str]
+    evidence: str    # "its keys (e.g. ...)" or "its metadata (field = value)"
+
+    def fits(self, family: Family) -> bool:
+        return family.id in self.family_ids
+
+
+# key patterns, matched against keys with '.' spelled '_' (kohya flattens paths that way); each
+# names the families whose models have modules of that name (diffusers spellings are shared)
+_KEY_SIGNATURES: tuple[tuple[str, frozenset[str], re.Pattern], ...] = tuple(
+    (label, ids, re.compile(pattern)) for label, ids, pattern in (
+        ("HiDream", frozenset({"hidream"}), r"(double|single)_stream_blocks_\d+_"),
+        ("a Flux.1-type model (Flux.1 dev/schnell, Chroma, Flux.2)", _FLUX1 | {"flux2"},
+         r"(^|_)(double_blocks|single_blocks)_\d+_"),
+        ("a Flux.1-type model (Flux.1 dev/schnell, Chroma, Flux.2, AuraFlow)", _FLUX1 | {"flux2", "auraflow"},
+         r"(^|_)single_transformer_blocks_\d+_"),
+        ("SD3 / SD3.5", frozenset({"sd3"}), r"joint_blocks_\d+_|(^|_)(x_block|context_block)_"),
+        ("Qwen-Image", frozenset({"qwen_image"}), r"transformer_blocks_\d+_(img_mlp|txt_mlp|img_mod|txt_mod)"),
+        ("Z-Image / Lumina 2", _LUMINA,
+         r"(noise_refiner|context_refiner)_\d+_|(^|_)layers_\d+_(attention_(qkv|out)|feed_forward_w[123]|adaLN)"),
+        ("Wan (video) or PixArt", frozenset({"video", "pixart"}), r"(^|_)blocks_\d+_(self_attn|cross_attn)_"),
+        ("an MMDiT (SD3, Flux.1, Qwen-Image, AuraFlow)", frozenset({"sd3", "qwen_image", "auraflow", "flux2"}) | _FLUX1,
+         r"transformer_blocks_\d+_(attn_add_[qkv]_proj|ff_context)"),
+        ("Stable Diffusion", _SD, r"(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)_"),
+    ))
+
+# substrings of metadata values, tried in order; the first that matches names the origin
+_METADATA_ORIGINS: tuple[tuple[str, str, frozenset[str]], ...] = (
+    ("sdxl", "SDXL", _SDXL), ("stable-diffusion-xl", "SDXL", _SDXL), ("sd_v2", "SD2.x", frozenset({"sd2"})), ("stable-diffusion-v2", "SD2.x", frozenset({"sd2"})),
+    ("sd_v1", "SD1.x", frozenset({"sd1"})), ("sd_1", "SD1.x", frozenset({"sd1"})),
+    ("stable-diffusion-v1", "SD1.x", frozenset({"sd1"})), ("flux-1-schnell", "Flux.1 schnell", _FLUX1),
+    ("flux1", "Flux.1", _FLUX1), ("flux-1", "Flux.1", _FLUX1), ("flux.1", "Flux.1", _FLUX1),
+    ("flux2", "Flux.2", frozenset({"flux2"})), ("flux-2", "Flux.2", frozenset({"flux2"})),
+    ("chroma", "Chroma", _FLUX1), ("sd3", "SD3 / SD3.5", frozenset({"sd3"})),
+    ("stable-diffusion-v3", "SD3 / SD3.5", frozenset({"sd3"})), ("z-image", "Z-Image", _LUMINA),
+    ("zimage", "Z-Image", _LUMINA), ("qwen", "Qwen-Image", frozenset({"qwen_image"})),
+    ("lumina", "Lumina Image 2.0", _LUMINA), ("hidream", "HiDream", frozenset({"hidream"})),
+    ("wan", "Wan (video)", frozenset({"video"})),
 )
+# fields that name the base model, most reliable first; ss_sd_model_name is a file name, read
+# only for the few spellings that cannot mean anything else
+_METADATA_FIELDS = ("modelspec.architecture", "ss_base_model_version")
+_MODEL_FILE_NAMES = ((r"sd_?xl|xl_base", "SDXL", _SDXL), (r"flux", "Flux.1", _FLUX1), (r"sd3", "SD3 / SD3.5",
+                                                                                      frozenset({"sd3"})))
+# trainers known to write a default in place of the real base model (ai-toolkit writes
+# ss_base_model_version 'sd_1.5' into Flux LoRAs)
+_UNRELIABLE_BASE_VERSION = ("ai-toolkit",)
 
 
 def sd_version_from_widths(context_dims: set[int], text_widths: set[int]) -> str | None:
@@ -158,6 +198,9 @@ def sd_version_from_widths(context_dims: set[int], text_widths: set[int]) -> str
     return None
 
 
+_SD_VERSIONS = {"SDXL": _SDXL, "SD2.x": frozenset({"sd2"}), "SD1.x": frozenset({"sd1"})}
+
+
 def _down_width(key: str, tensor: torch.Tensor) -> int | None:
     """Input width of a LoRA down matrix (kohya, PEFT and diffusers spellings)."""
     if re.search(r"(lora_down|lora_A|lora\.down|down)\.weight$", key) and tensor.dim() >= 2:
@@ -165,44 +208,115 @@ def _down_width(key: str, tensor: torch.Tensor) -> int | None:
     return None
 
 
-def guess_lora_family(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str | None:
-    """A human name of the family a LoRA looks made for, from its metadata, else its keys (and, for
-    Stable Diffusion, its shapes); None if nothing points anywhere."""
-    for field in ("modelspec.architecture", "ss_base_model_version"):
-        value = str((metadata or {}).get(field, "")).lower()
-        for needle, name in _METADATA_FAMILIES:
-            if needle in value:
-                return name
-    keys = [key.replace(".", "_") for key in tensors]
-    for label, pattern in _KEY_SIGNATURES:
-        if any(pattern.search(key) for key in keys):
-            if label == "SD":   # SD1.x, SD2.x and SDXL share their names: their widths tell them apart
-                return _sd_version(tensors) or "Stable Diffusion"
-            return label
-    return None
-
-
 def _sd_version(tensors: Mapping[str, torch.Tensor]) -> str | None:
     context, text = set(), set()
+    two_text_encoders = False
     for key, tensor in tensors.items():
-        width = _down_width(key, tensor)
         flat = key.replace(".", "_")
+        two_text_encoders |= bool(re.match(r"(lora_te[12]_|text_encoder_2_)", flat))
+        width = _down_width(key, tensor)
         if width is None:
             continue
-        if re.search(r"attn2_(to_k|to_v)", flat):
+        if re.search(r"attn2_(processor_)?(to_k|to_v)", flat):
             context.add(width)
         elif re.search(r"(^|_)(te\d?|text_encoder(_2)?)_.*self_attn_q_proj", flat):
             text.add(width)
-    return sd_version_from_widths(context, text)
+    version = sd_version_from_widths(context, text)
+    if two_text_encoders and version in (None, "SD1.x"):   # kohya's SDXL files name te1/te2; CLIP-L is 768 wide
+        return "SDXL"
+    return version
+
+
+def _origin_from_keys(tensors: Mapping[str, torch.Tensor]) -> LoraOrigin | None:
+    flat_keys = [key.replace(".", "_") for key in tensors]
+    found: list[tuple[str, frozenset[str], str]] = []
+    for label, ids, pattern in _KEY_SIGNATURES:
+        key = next((k for k, flat in zip(tensors, flat_keys) if pattern.search(flat)), None)
+        if key is not None:
+            found.append((label, ids, key))
+    if not found:
+        return None
+    ids = frozenset.intersection(*(ids for _, ids, _ in found))
+    if not ids:          # names of several unrelated families: the keys decide nothing
+        return None
+    label, _, key = min(found, key=lambda item: len(item[1]))
+    if ids <= _SD and (version := _sd_version(tensors)) is not None:
+        label, ids = version, ids & _SD_VERSIONS[version] or ids
+    return LoraOrigin(_name_of(ids, label), ids, f"its keys, e.g. {key!r}")
+
+
+def _origin_from_metadata(metadata: Mapping[str, str]) -> LoraOrigin | None:
+    software = str(metadata.get("software", "")).lower()
+    fields = [f for f in _METADATA_FIELDS if not (f == "ss_base_model_version" and
+                                                 any(name in software for name in _UNRELIABLE_BASE_VERSION))]
+    said: list[tuple[str, frozenset[str], str]] = []
+    for field_name in fields:
+        value = str(metadata.get(field_name, ""))
+        hit = next(((name, ids) for needle, name, ids in _METADATA_ORIGINS if needle in value.lower()), None)
+        if hit:
+            said.append((*hit, f"{field_name} = {value!r}"))
+    model_name = str(metadata.get("ss_sd_model_name", ""))
+    hit = next(((name, ids) for pattern, name, ids in _MODEL_FILE_NAMES if re.search(pattern, model_name.lower())),
+               None)
+    if hit:
+        said.append((*hit, f"ss_sd_model_name = {model_name!r}"))
+    elif str(metadata.get("ss_v2", "")).lower() == "true":
+        said.append(("SD2.x", frozenset({"sd2"}), "ss_v2 = 'True'"))
+    if not said:
+        return None
+    ids = frozenset.intersection(*(ids for _, ids, _ in said))
+    if not ids:          # fields that contradict each other: trust none of them
+        return None
+    name, _, _ = min(said, key=lambda item: len(item[1]))
+    return LoraOrigin(_name_of(ids, name), ids, "its metadata, " + "; ".join(e for _, _, e in said))
+
+
+def _name_of(ids: frozenset[str], label: str) -> str:
+    return _BY_ID[next(iter(ids))].name if len(ids) == 1 else label
+
+
+def lora_origin(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> LoraOrigin | None:
+    """The family a LoRA looks made for, from its keys (and, for Stable Diffusion, its shapes) and
+    its metadata; None if nothing points anywhere.
+
+    The keys win: metadata only narrows what they say (an SD LoRA's version), or speaks where they
+    say nothing. Trainers have been seen to write a default base model (ai-toolkit's Flux LoRAs say
+    ``ss_base_model_version = 'sd_1.5'``), while a key either names a module of the model or not.
+    """
+    by_keys = _origin_from_keys(tensors)
+    by_metadata = _origin_from_metadata(metadata or {})
+    if by_keys is None or by_metadata is None:
+        return by_keys or by_metadata
+    both = by_keys.family_ids & by_metadata.family_ids
+    if not both:
+        return by_keys
+    name = by_metadata.name if both == by_metadata.family_ids else _name_of(both, by_keys.name)
+    return LoraOrigin(name, both, f"{by_keys.evidence}; {by_metadata.evidence}")
+
+
+def guess_lora_family(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str | None:
+    """A human name of the family a LoRA looks made for (see :func:`lora_origin`)."""
+    origin = lora_origin(tensors, metadata)
+    return origin.name if origin else None
+
+
+def check_lora_family(source: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
+                      family: Family) -> None:
+    """Refuse, before any work, a LoRA whose keys or metadata say it was made for another family
+    than the base model's, naming both and the evidence."""
+    origin = lora_origin(tensors, metadata)
+    if origin is not None and not origin.fits(family):
+        raise BaseModelMismatchError(source, f"it looks made for {origin.name} but the base model is {family.name} "
+                                     f"(going by {origin.evidence})")
 
 
 def describe_mismatch(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, family: Family,
                       problem: str, keys: Iterable[str] = ()) -> str:
     """Why a LoRA does not fit the model: the problem, an example key, and the family the LoRA
     looks made for beside the model's (the caller puts the file's name in front)."""
-    guess = guess_lora_family(tensors, metadata)
+    origin = lora_origin(tensors, metadata)
     example = next(iter(sorted(keys)), None)
     where = f" (e.g. {example!r})" if example else ""
-    if guess and guess != family.name:
-        return f"{problem}{where}: it looks made for {guess} but the base model is {family.name}"
+    if origin is not None and not origin.fits(family):
+        return f"{problem}{where}: it looks made for {origin.name} but the base model is {family.name}"
     return f"{problem}{where}; the base model is {family.name}"

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .errors import BaseModelMismatchError, LoraFormatError
-from .families import sd_version_from_widths
+from .families import check_lora_family, family_by_id, sd_version_from_widths
 from .layers import TEXT_ENCODER, TEXT_ENCODER_2, UNET, LayerInfo, LayerTable
 from .lora_formats import ParsedLora, RawModule, parse_lora
 from .lora_io import LoraFile, read_lora_file
@@ -293,8 +293,12 @@ def normalize_lora(parsed: ParsedLora, table: LayerTable, base_weight: BaseWeigh
 
 
 def load_lora(source: str | Path | LoraFile, table: LayerTable, base_weight: BaseWeight | None = None) -> NormalizedLora:
-    """Read, parse and place a LoRA file (or an already-read :class:`LoraFile`)."""
+    """Read, parse and place a LoRA file (or an already-read :class:`LoraFile`). A LoRA whose keys
+    or metadata name another family than the table's is refused before it is parsed."""
     lora = source if isinstance(source, LoraFile) else read_lora_file(source)
+    family = family_by_id(table.architecture)
+    if family is not None:
+        check_lora_family(lora.name, lora.tensors, lora.metadata, family)
     return normalize_lora(parse_lora(lora), table, base_weight, sha256=lora.sha256, metadata=lora.metadata)
 
 

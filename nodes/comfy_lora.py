@@ -33,7 +33,7 @@ import comfy.lora_convert
 import comfy.weight_adapter as weight_adapter
 
 from ..iteris_core.errors import BaseModelMismatchError, LoraFormatError
-from ..iteris_core.families import Family, describe_mismatch
+from ..iteris_core.families import Family, check_lora_family, describe_mismatch
 from ..iteris_core.layers import UNET
 from ..iteris_core.lora_io import LoraFile
 from ..iteris_core.lora_normalize import NormalizedLora
@@ -161,7 +161,9 @@ def _rows_rearranged(delta: LowRankDelta, function, weight_key: str, source: str
 
 
 def read_lora(lora: LoraFile, mapping: dict, weight_of: WeightOf, family: Family) -> NormalizedLora:
-    """Place ``lora`` on the model as ComfyUI does and turn every patch into a low-rank delta."""
+    """Place ``lora`` on the model as ComfyUI does and turn every patch into a low-rank delta.
+    A LoRA whose keys or metadata name another family is refused before ComfyUI reads it."""
+    check_lora_family(lora.name, lora.tensors, lora.metadata, family)
     tensors = comfy.lora_convert.convert_lora(dict(lora.tensors))
     patches = comfy.lora.load_lora(tensors, mapping, log_missing=False)
 

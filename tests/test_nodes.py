@@ -208,6 +208,33 @@ def test_a_lora_for_another_model_ends_with_a_clear_error(pack, loras, comfy_nod
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
+def test_metadata_for_another_family_stops_the_merge_before_any_model_call(pack, loras, table, monkeypatch):
+    """An SD1-shaped LoRA whose kohya metadata says SDXL: its keys would fit, so only the metadata
+    can tell, and the merge must stop before it encodes or samples anything."""
+    import sys
+
+    from safetensors.torch import save_file
+
+    folder, _ = loras
+    deltas = random_lora_deltas(table, 4, rank=2, components=("unet",), include=r"attn1\.to_(q|v)$")
+    save_file(MergedLora(deltas, table).state_dict(torch.float32), str(folder / "says_sdxl.safetensors"),
+              metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"})
+    backend_class = sys.modules[pack["IterIS_MergeLoras"].__module__].ComfyBackend
+    calls = []
+    for method in ("encode_text", "sample", "replay", "render"):
+        original = getattr(backend_class, method)
+        monkeypatch.setattr(backend_class, method, lambda *a, _m=method, _f=original, **k: calls.append(_m) or _f(*a, **k))
+    ok, messages, _ = run_prompt(graph(loras, concepts=("dog", "says_sdxl.safetensors"), save_name="never",
+                                       merge={"seed": 41}))
+    error = next(data for kind, data in messages if kind == "execution_error")
+    assert not ok and error["node_type"] == "IterIS_MergeLoras"
+    assert "says_sdxl.safetensors: it looks made for SDXL but the base model is SD1.x" in error["exception_message"]
+    assert "ss_base_model_version = 'sdxl_base_v1-0'" in error["exception_message"]
+    assert calls == []
+    ok, _, _ = run_prompt(graph(loras, concepts=("dog",), save_name="never_either", merge={"seed": 41}))
+    assert ok and "sample" in calls   # the counting sees a merge's calls
+
+
 def test_a_corrupt_file_is_refused_by_the_concept_node(pack, loras):
     folder, names = loras
     data = (folder / names["dog"]).read_bytes()
