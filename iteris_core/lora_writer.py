@@ -75,6 +75,22 @@ def balanced_factors(delta: LowRankDelta, alpha: float | None = None) -> tuple[t
     return (up * factor).float(), (down / factor[:, None]).float()
 
 
+FP16_MAX = 6.0e4   # a little under fp16's largest finite value (65504)
+
+
+def cast_for_file(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A LoRA's tensors in the precision chosen for its file: ``.alpha`` scalars kept as they are,
+    and a tensor that fp16 cannot hold kept in fp32 rather than written as inf."""
+    def cast(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if key.endswith(".alpha") or not tensor.is_floating_point():
+            return tensor
+        if dtype == torch.float16 and tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
+            return tensor.float()
+        return tensor.to(dtype)
+
+    return {key: cast(key, tensor) for key, tensor in tensors.items()}
+
+
 @dataclass
 class MergedLora:
     """The result of a merge: one exact (or truncated) low-rank delta per layer."""
@@ -103,7 +119,7 @@ class MergedLora:
                 raise ValueError(f"merged delta of layer {name} is not finite; refusing to write it")
             rank = up.shape[1]
             layer_dtype = dtype
-            if dtype == torch.float16 and max(up.abs().max(), down.abs().max()) > 6.0e4:
+            if dtype == torch.float16 and max(up.abs().max(), down.abs().max()) > FP16_MAX:
                 layer_dtype = torch.float32  # out of fp16 range even after balancing: keep full precision
             if info.kind == "conv":
                 up = up.reshape(info.out_features, rank, 1, 1)

@@ -10,7 +10,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..iteris_core.errors import IterisError
 from ..iteris_core.lora_io import atomic_write_safetensors, sanitize_file_name, unique_path
-from ..iteris_core.lora_writer import SAVE_DTYPES
+from ..iteris_core.lora_writer import SAVE_DTYPES, cast_for_file
 
 
 def _name_problem(filename: str) -> str | None:
@@ -62,7 +62,7 @@ class IterisSaveLora(io.ComfyNode):
         if path.exists() and not overwrite:
             path = unique_path(path)
         dtype = SAVE_DTYPES[precision]
-        tensors = {k: (v if k.endswith(".alpha") else v.to(dtype)) for k, v in lora.items()}
+        tensors = cast_for_file(dict(lora), dtype)
         metadata = dict(getattr(lora, "metadata", {}) or {})
         comfy.model_management.throw_exception_if_processing_interrupted()
         atomic_write_safetensors(tensors, path, metadata, overwrite=overwrite)

@@ -384,6 +384,20 @@ def test_save_never_overwrites_unless_asked(pack, loras):
     assert ok and (folder / "taken.safetensors").read_bytes() != b"precious"
 
 
+def test_save_keeps_a_tensor_fp16_cannot_hold_in_fp32(pack, loras):
+    from safetensors.torch import load_file
+
+    folder, _ = loras
+    lora = {"lora_unet_x.lora_up.weight": torch.full((4, 2), 1e5), "lora_unet_x.lora_down.weight": torch.ones(2, 4),
+            "lora_unet_x.alpha": torch.tensor(2.0), "lora_unet_y.lora_up.weight": torch.ones(4, 2)}
+    name = pack["IterIS_SaveLora"].execute(lora, "wide_range", False, "fp16").result[0]
+    saved = load_file(str(folder / name))
+    assert saved["lora_unet_x.lora_up.weight"].dtype == torch.float32
+    assert torch.equal(saved["lora_unet_x.lora_up.weight"], lora["lora_unet_x.lora_up.weight"])
+    assert saved["lora_unet_x.lora_down.weight"].dtype == saved["lora_unet_y.lora_up.weight"].dtype == torch.float16
+    assert saved["lora_unet_x.alpha"].dtype == torch.float32
+
+
 def test_cancel_stops_the_merge_and_leaves_nothing(pack, loras, comfy_nodes, tiny_checkpoint):
     import comfy.model_management
     import comfy.utils
