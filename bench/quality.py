@@ -37,10 +37,12 @@ import torch.nn.functional as F
 from bench.common import CACHE, RESULTS, machine, machine_line, markdown_table, save_results
 from bench.world import CONCEPTS, any_colour_sample, colour_presence, concept_images, to_uint8, world_sample
 
-METHODS = ("linear", "concat", "ties", "regmean", "iteris", "iteris_subsampled")
+METHODS = ("linear", "concat", "ties", "regmean", "ssr", "ssr_iteris_samples", "iteris", "iteris_subsampled")
 EVAL_STEPS = (100, 300, 500, 700, 900)
-SUBSAMPLED_NOTE = (" iteris_subsampled: IterIS with its statistics on 16 of the 64 spatial tokens per sample "
-                   "(the merge node's max_tokens).")
+METHOD_NOTES = (" ssr: SSR-Merge (ICML 2026) at its defaults, one seed per prompt and one calibration step (the "
+                "trajectory's first, pure-noise latent); ssr_iteris_samples: SSR on the samples IterIS uses (2 seeds "
+                "per prompt, 4 timesteps). iteris_subsampled: IterIS with its statistics on 16 of the 64 spatial "
+                "tokens per sample (the merge node's max_tokens).")
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -212,9 +214,14 @@ def generate(backend, vae, deltas: dict, prompt: str, seeds: list[int], steps: i
 
 def merge(backend, loras: list, tokens: list[str], method: str):
     from iteris_core import Concept, MergeSettings, SamplingSettings, merge_loras
+    from iteris_core.settings import Method
 
-    sampling = SamplingSettings(samples_per_prompt=2, timesteps=4, steps=20, guidance=5.0, batch_size=4)
-    settings = MergeSettings(method="iteris" if method.startswith("iteris") else method, iterations=3,
+    engine_method = next((m for m in ("iteris", "ssr") if method.startswith(m)), method)
+    samples = dict(samples_per_prompt=2, timesteps=4)
+    if method == "ssr":   # its own calibration; the sampler settings stay the bench's
+        samples.update(Method.SSR.sampling_defaults)
+    sampling = SamplingSettings(steps=20, guidance=5.0, batch_size=4, **samples)
+    settings = MergeSettings(method=engine_method, iterations=3,
                              max_tokens_per_sample=16 if method == "iteris_subsampled" else None, sampling=sampling)
     concepts = [Concept(lora, [f"a photo of {token}", token], negative_prompt="") for lora, token in zip(loras, tokens)]
     return merge_loras(backend, concepts, settings).lora.layers
@@ -286,10 +293,11 @@ def save_grid(figure: dict, path: Path) -> None:
     canvas.save(path)
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], size: int | None = None) -> list[dict]:
+    """Mean and spread per method over the groups (of ``size`` concepts only, when given)."""
     summary = []
     for method in METHODS:
-        mine = [r for r in rows if r["method"] == method]
+        mine = [r for r in rows if r["method"] == method and size in (None, r["size"])]
         entry = {"method": method}
         for key in ("fidelity", "presence_own", "presence_joint", "crosstalk", "merge_seconds"):
             values = np.array([r[key] for r in mine])
@@ -359,6 +367,7 @@ def main() -> None:
         rows += evaluate_group(backend, pipe.vae, list(group), loras, held_out, targets, seeds,
                                figure if n == 0 else None)
     summary = summarise(rows)
+    by_size = {size: summarise(rows, size) for size in sorted({r["size"] for r in rows})}
     RESULTS.mkdir(parents=True, exist_ok=True)
     grid = RESULTS / ("quality_grid_quick.png" if args.quick else "quality_grid.png")
     save_grid(figure, grid)
@@ -366,6 +375,7 @@ def main() -> None:
     result = {**info, "quick": args.quick, "seed": args.seed, "training_steps": steps,
               "base_loss_first_last": [losses[0], float(np.mean(losses[-50:]))], "concepts": [c.token for c in CONCEPTS],
               "groups": len(groups), "summary": summary,
+              "summary_by_size": {str(size): entries for size, entries in by_size.items()},
               "per_group": {g: {r["method"]: r["fidelity"] for r in rows if r["group"] == g}
                             for g in dict.fromkeys(r["group"] for r in rows)},
               "rows": rows, "seconds": {"training": trained_seconds, "total": time.perf_counter() - started}}
@@ -380,8 +390,13 @@ def main() -> None:
                 "over groups. fidelity: 1 = the concept's own LoRA, 0 = the base model; presence: concept colour "
                 "in generated images relative to its training images; cross-talk: 0 = prompts without the "
                 "concept are untouched, 1 = moved as far as the concept's own LoRA would move them."
-                f"{SUBSAMPLED_NOTE}\n\n"
-                + markdown_table(summary, columns) + f"\n\n![grid]({grid.name})\n")
+                f"{METHOD_NOTES}\n\n"
+                + markdown_table(summary, columns) + "\n")
+    names = {2: "Pairs", 3: "Triples"}
+    for size, entries in by_size.items():
+        count = sum(1 for g in groups if len(g) == size)
+        markdown += f"\n## {names.get(size, f'Groups of {size}')} ({count} groups)\n\n" + markdown_table(entries, columns) + "\n"
+    markdown += f"\n![grid]({grid.name})\n"
     save_results("quality_quick" if args.quick else "quality", result, markdown)
     print(markdown)
 
