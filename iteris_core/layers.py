@@ -4,7 +4,9 @@ A layer's canonical name is its diffusers module path with the component in fron
 ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` or
 ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj`` (``text_encoder_2`` for SDXL's
 second encoder). Text encoder paths keep ``text_model.``: published files and ComfyUI use it,
-although transformers 5 dropped that attribute from ``CLIPTextModel``.
+although transformers 5 dropped that attribute from ``CLIPTextModel``. The diffusers Flux.1 and SD3
+pipelines use the same scheme: their transformer is ``unet.`` (the engine's name for the
+denoiser), their encoders ``text_encoder``, ``text_encoder_2`` and SD3's T5 ``text_encoder_3``.
 
 Files spell the same layer in other ways: kohya joins the path with underscores
 (``lora_unet_down_blocks_0_...``, ``lora_te_text_model_...``) and, for SDXL, uses the original
@@ -22,7 +24,8 @@ from typing import Iterable, Literal
 UNET = "unet"  # the denoiser, whatever it is (a UNet, or a DiT in ComfyUI's models)
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
-COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET)  # DAG order: text encoders feed the UNet
+TEXT_ENCODER_3 = "text_encoder_3"  # SD3's T5 (diffusers' name)
+COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, UNET)  # DAG order: text encoders feed the UNet
 
 
 def component_order(component: str) -> tuple[int, int, str]:
@@ -200,6 +203,13 @@ class LayerTable:
     # module key to write for a layer, where the backend knows its loaders' spelling (ComfyUI's
     # key map); other layers are written in kohya naming by the writer
     file_keys: dict[str, str] = field(default_factory=dict)
+    # how a file spells each module's tensors: "kohya" (.lora_up/.lora_down.weight and .alpha) or
+    # "peft" (.lora_B/.lora_A.weight, the scale folded into them, no alpha): diffusers' Flux and
+    # SD3 loaders load only the PEFT spelling completely
+    file_format: Literal["kohya", "peft"] = "kohya"
+    # more spellings of layers (spelling -> canonical name) that the backend knows files to use
+    # (diffusers' ``transformer.`` prefix, OneTrainer's ``lora_transformer_``, T5's ``lora_te3_``)
+    extra_aliases: dict[str, str] = field(default_factory=dict)
     _aliases: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -253,6 +263,11 @@ class LayerTable:
                     spellings.add(prefix + short.replace(".", "_"))
             for spelling in spellings:
                 aliases[spelling] = name
+        for spelling, name in self.extra_aliases.items():
+            if name not in self.layers:
+                raise ValueError(f"alias {spelling!r} names {name}, which is not a layer of the table")
+            if aliases.setdefault(spelling, name) != name:
+                raise ValueError(f"alias {spelling!r} would name both {aliases[spelling]} and {name}")
         return aliases
 
     def resolve(self, module_key: str) -> str | None:
@@ -275,14 +290,19 @@ _SHARED_INPUT = [
     (re.compile(r"(?P<base>.+\.attn1)\.to_[qkv]$"), "{base}.<input>"),
     (re.compile(r"(?P<base>.+\.self_attn)\.[qkv]_proj$"), "{base}.<input>"),
     (re.compile(r"(?P<base>.+\.SelfAttention)\.[qkv]$"), "{base}.<input>"),
+    # diffusers' Flux single blocks: q, k, v and the MLP's input read one normalised input (the
+    # original model's fused linear1); SD3.5's second self-attention (attn2) reads the image tokens
+    (re.compile(r"(?P<base>unet\.single_transformer_blocks\.\d+)\.(attn\.to_[qkv]|proj_mlp)$"), "{base}.<input>"),
+    (re.compile(r"(?P<base>unet\.transformer_blocks\.\d+\.attn2)\.to_[qkv]$"), "{base}.<image input>"),
     (re.compile(r"(?P<base>unet\..+\.attn)\.to_[qkv]$"), "{base}.<image input>"),
     (re.compile(r"(?P<base>unet\..+\.attn)\.add_[qkv]_proj$"), "{base}.<text input>"),
     # gated MLPs: the gate and the up projection read the same input (Llama/Qwen, T5, Z-Image)
     (re.compile(r"(?P<base>.+\.mlp)\.(gate|up)_proj$"), "{base}.<input>"),
     (re.compile(r"(?P<base>.+\.DenseReluDense)\.wi_[01]$"), "{base}.<input>"),
     (re.compile(r"(?P<base>unet\..+\.feed_forward)\.w[13]$"), "{base}.<input>"),
-    # every cross-attention k/v of the UNet reads the same text context
-    (re.compile(r"unet\..+\.attn2\.to_[kv]$"), "unet.<text context>"),
+    # every cross-attention k/v of an SD UNet (its transformer blocks sit inside down/mid/up blocks)
+    # reads the same text context
+    (re.compile(r"unet\..+\.transformer_blocks\.\d+\.attn2\.to_[kv]$"), "unet.<text context>"),
 ]
 
 
