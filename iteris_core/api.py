@@ -74,12 +74,26 @@ class MergeResult:
 def open_backend(base: ModelBackend | str | Path, device: str | None = None, dtype: torch.dtype | None = None,
                  **load_options) -> ModelBackend:
     """A backend for ``base``: a backend object is used as is; a path (diffusers folder or
-    single-file checkpoint) is loaded with diffusers (``load_options``: ``tokenizer``,
-    ``prediction_type`` for single files)."""
-    if isinstance(base, (str, Path)):
-        from .backends.diffusers_backend import DiffusersBackend
-        return DiffusersBackend.from_pretrained(base, device=device, dtype=dtype, **load_options)
-    return base
+    single-file checkpoint) is loaded with diffusers. Flux.1 and SD3/SD3.5 (a folder whose
+    ``model_index.json`` names FluxPipeline or StableDiffusion3Pipeline, or a single-file
+    transformer) go to the DiT backend, ``load_options``: ``config`` (the local diffusers folder a
+    single file is loaded with), ``max_sequence_length`` (T5 tokens); SD1.x, SD2.x and SDXL to the
+    SD backend: ``tokenizer``, ``prediction_type`` for single files. Options given as None are
+    left out; an option the model's backend does not take is an error naming it."""
+    if not isinstance(base, (str, Path)):
+        return base
+    from .backends.diffusers_backend import DiffusersBackend
+    from .backends.diffusers_dit import DitBackend, is_dit_model
+
+    dit = is_dit_model(Path(base))
+    backend = DitBackend if dit else DiffusersBackend
+    accepted = {"config", "max_sequence_length"} if dit else {"tokenizer", "prediction_type"}
+    given = {name: value for name, value in load_options.items() if value is not None}
+    if set(given) - accepted:
+        kind = "Flux.1/SD3" if dit else "SD1.x/SD2.x/SDXL"
+        raise SettingsError(f"{', '.join(sorted(set(given) - accepted))}: not an option for {Path(base).name}, a "
+                            f"{kind} model (its options: {', '.join(sorted(accepted))})")
+    return backend.from_pretrained(base, device=device, dtype=dtype, **given)
 
 
 def load_concept_lora(concept: Concept, index: int, backend: ModelBackend) -> NormalizedLora:
