@@ -77,10 +77,15 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timesteps", type=int, default=None, metavar="N",
                        help=f"points kept along each sampling trajectory (default {defaults.timesteps}; "
                             f"{ssr['timesteps']} for ssr: the trajectory's first point, pure noise)")
-    group.add_argument("--steps", type=int, default=defaults.steps, metavar="N",
-                       help="Euler steps of each concept's own sampling trajectory (default %(default)s)")
-    group.add_argument("--guidance", type=float, default=defaults.guidance, metavar="CFG",
-                       help="classifier-free guidance of those trajectories (default %(default)s)")
+    # None: the base model family's default (Flux.1 samples without CFG, schnell in 4 steps)
+    group.add_argument("--steps", type=int, default=None, metavar="N",
+                       help=f"Euler steps of each concept's own sampling trajectory (default: the model family's, "
+                            f"{defaults.steps} for SD, Flux.1 dev and SD3, 4 for Flux.1 schnell)")
+    group.add_argument("--guidance", type=float, default=None, metavar="CFG",
+                       help=f"classifier-free guidance of those trajectories (default: the model family's, "
+                            f"{defaults.guidance} for SD, 4.5 for SD3, 1 (none) for Flux.1)")
+    group.add_argument("--distilled-guidance", type=float, default=None, metavar="G",
+                       help="Flux.1 dev's embedded guidance, as ComfyUI's FluxGuidance (default 3.5)")
     group.add_argument("--width", type=int, default=None, help="sample width in pixels (default: the model's)")
     group.add_argument("--height", type=int, default=None, help="sample height in pixels (default: the model's)")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
@@ -103,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "$ITERIS_CLIP_TOKENIZER or ComfyUI's comfy/sd1_tokenizer when ComfyUI is present")
     merge.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                        help="what a single-file --base predicts (default: detected; only SD2-768 models are v)")
+    merge.add_argument("--config", default=None, metavar="DIR",
+                       help="for a single-file Flux.1 or SD3 transformer --base: a local diffusers folder of the "
+                            "same family, whose transformer config, text encoders, tokenizers and scheduler it "
+                            "is loaded with")
     per_lora = merge.add_argument_group("LoRAs (repeat --lora; the options after it belong to it)")
     per_lora.add_argument("--lora", action=_LoraAction, metavar="FILE", help="a LoRA .safetensors file")
     per_lora.add_argument("--prompts", action=_LoraAction, metavar="FILE",
@@ -176,11 +185,16 @@ def _method_sampling(method: Method, samples: int | None, timesteps: int | None)
             "timesteps": defaults.timesteps if timesteps is None else timesteps}
 
 
-def _settings(args) -> MergeSettings:
+def _settings(args, family=None) -> MergeSettings:
+    """The merge settings; steps and guidance not given are the base model's ``family``'s (a
+    :class:`~iteris_core.families.Family`), else the SD defaults."""
     method = Method.parse(args.method)
-    sampling = SamplingSettings(**_method_sampling(method, args.samples, args.timesteps), steps=args.steps,
-                                guidance=args.guidance, width=args.width, height=args.height, seed=args.seed,
-                                batch_size=args.batch_size)
+    sd, typical = SamplingSettings(), family.defaults if family is not None else None
+    steps = args.steps if args.steps is not None else (typical.steps if typical else sd.steps)
+    guidance = args.guidance if args.guidance is not None else (typical.cfg if typical else sd.guidance)
+    sampling = SamplingSettings(**_method_sampling(method, args.samples, args.timesteps), steps=steps,
+                                guidance=guidance, width=args.width, height=args.height, seed=args.seed,
+                                batch_size=args.batch_size, distilled_guidance=args.distilled_guidance)
     return MergeSettings(method=method, iterations=args.iterations,
                          regularization=args.alpha, tolerance=args.tolerance, rank=args.rank,
                          ties_density=args.ties_density, max_tokens_per_sample=args.max_tokens,
@@ -227,22 +241,25 @@ def _dtype(name: str | None):
 
 
 def run_merge(args) -> int:
-    from .api import Concept, merge_loras
+    from .api import Concept, merge_loras, open_backend
+    from .families import family_by_id
 
     loras: list[_LoraArgs] = getattr(args, "loras", None) or []
     if not loras:
         raise IterisError("give at least one --lora (each optionally followed by its --prompts)")
-    settings = _settings(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise IterisError(f"{out} already exists; pass --overwrite or choose another --out")
     concepts = [Concept(l.path, l.prompts, l.strength, l.text_strength, l.negative) for l in loras]
+    load_options = {"tokenizer": args.tokenizer, "prediction_type": args.prediction_type, "config": args.config} \
+        if Path(args.base).is_file() else {}
+    # the model before the settings: its family's sampling defaults fill what is not typed
+    backend = open_backend(args.base, device=args.device, dtype=_dtype(args.dtype), **load_options)
+    settings = _settings(args, family_by_id(backend.architecture))
     bar = _ProgressBar(args.quiet)
     try:
-        load_options = {"tokenizer": args.tokenizer, "prediction_type": args.prediction_type} \
-            if Path(args.base).is_file() else {}
-        result = merge_loras(args.base, concepts, settings, device=args.device, dtype=_dtype(args.dtype),
-                             statistics_device=args.stats_device, on_progress=bar, log=bar.log, **load_options)
+        result = merge_loras(backend, concepts, settings, statistics_device=args.stats_device, on_progress=bar,
+                             log=bar.log)
     finally:
         bar.close()
     path = result.lora.save(out, dtype=args.save_dtype, overwrite=args.overwrite)

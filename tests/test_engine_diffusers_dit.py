@@ -1,7 +1,7 @@
 """The engine on tiny diffusers Flux.1 (dev, schnell) and SD3.5 pipelines: the backend samples as the
 pipelines do, reads LoRAs in kohya, diffusers/PEFT and ai-toolkit spellings exactly (against
 diffusers' and ComfyUI's own loaders and key maps), merges one LoRA back to itself and two through
-the API, and writes files diffusers and ComfyUI load completely."""
+the API and the CLI, and writes files diffusers and ComfyUI load completely."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from iteris_core.api import open_backend
 from iteris_core.backends.diffusers_dit import DitBackend, pack
 from iteris_core.backends.dit_keys import flux_modules, spellings, split_native
 from iteris_core.backends.tiny import random_lora_deltas
+from iteris_core.cli import main
 from iteris_core.errors import BaseModelMismatchError, IterisError
 from iteris_core.layers import LayerTable, input_group
 from iteris_core.lora_formats import parse_lora
@@ -389,6 +390,34 @@ def test_sd3_merge_with_cfg_and_t5_layers(backends, tmp_path):
     assert any(n.startswith("text_encoder_3.") for n in result.lora.layers)
     assert any(n.startswith("unet.transformer_blocks.0.attn2.") for n in result.lora.layers)
     assert result.report.base["architecture"] == "sd3"
+
+
+def test_cli_merges_a_flux_folder_with_the_familys_defaults(tmp_path):
+    """``python -m iteris_core merge`` on a saved diffusers Flux.1 dev folder: it samples without
+    CFG at guidance 3.5 (the family's defaults), and its file holds the API's merge of the same LoRAs."""
+    pipe = build_tiny_flux()
+    folder = tmp_path / "tiny-flux"
+    pipe.save_pretrained(folder)
+    backend = open_backend(folder, device="cpu")
+    assert isinstance(backend, DitBackend) and backend.architecture == "flux_dev"
+    a = _lora_file("kohya", "flux_dev", backend, tmp_path, 41)
+    b = _lora_file("ai-toolkit", "flux_dev", backend, tmp_path, 42)
+    out, report = tmp_path / "merged.safetensors", tmp_path / "report.json"
+    code = main(["merge", "--base", str(folder), "--lora", str(a), "--prompt", "a photo of sks cat", "--lora", str(b),
+                 "--prompt", "a painting in xyz style", "--out", str(out), "--report", str(report), "--samples", "1",
+                 "--timesteps", "2", "--steps", "3", "--iterations", "1", "--width", "64", "--height", "64",
+                 "--device", "cpu", "--save-dtype", "fp32", "--quiet"])
+    assert code == 0
+    sampling = json.loads(report.read_text())["settings"]["sampling"]
+    assert sampling["guidance"] == 1.0 and sampling["distilled_guidance"] is None
+    api = merge_loras(backend, [Concept(a, ["a photo of sks cat"]), Concept(b, ["a painting in xyz style"])],
+                      MergeSettings(iterations=1, sampling=SamplingSettings(**{**FAST, "seed": 0, "batch_size": 4},
+                                                                             guidance=1.0)))
+    written = backend.read_lora(read_lora_file(out))
+    assert set(written.layers) == set(api.lora.layers)
+    for name, delta in api.lora.layers.items():
+        error = (written.layers[name].dense() - delta.dense()).norm() / delta.dense().norm()
+        assert error < 1e-5, (name, float(error))
 
 
 def test_a_single_file_transformer_needs_its_config_folder(tmp_path, backends):
