@@ -30,6 +30,7 @@ FAST = {"method": "iteris", "iterations": 1, "regularization": 1e-4, "rank": 0, 
         "max_tokens": 0, "statistics_budget": 0.0, "samples_per_prompt": 1, "timesteps": 2, "steps": 2, "sampler": "default",
         "scheduler": "default", "cfg": 0.0, "guidance": 0.0, "seed": 0, "width": 64, "height": 64, "batch_size": 2}
 PROMPTS = {"a": "a photo of sks dog", "b": "a painting in xyz style"}
+LABEL_HEIGHT = 24   # the grid's label strips (nodes/compare_node.py)
 
 
 @pytest.fixture(scope="module", params=dit.FAMILIES)
@@ -147,6 +148,27 @@ def test_two_lora_merge_samples_an_image_and_its_file_loads_as_the_model(tiny, c
         metadata = f.metadata()
     family = family_by_id(tiny.family)
     assert metadata["iteris_family"] == family.name and metadata["modelspec.architecture"] == family.modelspec
+
+
+def test_the_before_after_grid_renders_each_concept_on_the_family(tiny):
+    """The grid node on the family's own sampling defaults: one row per concept (its LoRA, then the
+    merge), after the same merge as the test before (the executor reuses it)."""
+    concepts = [(tiny.loras["kohya"], PROMPTS["a"]), (tiny.loras["style"], PROMPTS["b"])]
+    prompt = merge_graph(tiny, concepts)
+    prompt["3"] = {"class_type": "VAELoader", "inputs": {"vae_name": tiny.vae_name}}
+    prompt["6"] = {"class_type": "IterIS_CompareGrid", "inputs": {
+        "model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0], "concepts": ["11", 0], "merged_model": ["4", 0],
+        "merged_clip": ["4", 1], "seed": 3, "steps": 2, "sampler": "default", "scheduler": "default", "cfg": 0.0,
+        "guidance": 0.0, "width": 64, "height": 64}}
+    prompt["7"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}
+    ok, messages, _ = run_prompt(prompt, tiny.executor)
+    assert ok, messages
+    (grid,) = outputs_of(tiny.executor, "6")
+    assert grid.shape == (1, 2 * (LABEL_HEIGHT + 64), 2 * 64, 3)
+    assert torch.isfinite(grid).all() and 0.0 <= float(grid.min()) and float(grid.max()) <= 1.0
+    for row in range(2):                                  # decoded pictures, not blank tiles
+        top = row * (LABEL_HEIGHT + 64) + LABEL_HEIGHT
+        assert float(grid[0, top:top + 64, :64].std()) > 1e-3 and float(grid[0, top:top + 64, 64:].std()) > 1e-3
 
 
 def test_a_lora_of_another_family_is_refused_naming_both(tiny, comfy_state, sd1_lora):
