@@ -234,12 +234,10 @@ def _origin_from_keys(tensors: Mapping[str, torch.Tensor]) -> LoraOrigin | None:
         key = next((k for k, flat in zip(tensors, flat_keys) if pattern.search(flat)), None)
         if key is not None:
             found.append((label, ids, key))
-    if not found:
+    agreed = _agreement(found)   # names of several unrelated families: the keys decide nothing
+    if agreed is None:
         return None
-    ids = frozenset.intersection(*(ids for _, ids, _ in found))
-    if not ids:          # names of several unrelated families: the keys decide nothing
-        return None
-    label, _, key = min(found, key=lambda item: len(item[1]))
+    label, ids, key = agreed
     if ids <= _SD and (version := _sd_version(tensors)) is not None:
         label, ids = version, ids & _SD_VERSIONS[version] or ids
     return LoraOrigin(_name_of(ids, label), ids, f"its keys, e.g. {key!r}")
@@ -262,13 +260,23 @@ def _origin_from_metadata(metadata: Mapping[str, str]) -> LoraOrigin | None:
         said.append((*hit, f"ss_sd_model_name = {model_name!r}"))
     elif str(metadata.get("ss_v2", "")).lower() == "true":
         said.append(("SD2.x", frozenset({"sd2"}), "ss_v2 = 'True'"))
-    if not said:
+    agreed = _agreement(said)    # fields that contradict each other: trust none of them
+    if agreed is None:
         return None
-    ids = frozenset.intersection(*(ids for _, ids, _ in said))
-    if not ids:          # fields that contradict each other: trust none of them
-        return None
-    name, _, _ = min(said, key=lambda item: len(item[1]))
+    name, ids, _ = agreed
     return LoraOrigin(_name_of(ids, name), ids, "its metadata, " + "; ".join(e for _, _, e in said))
+
+
+def _agreement(claims: list[tuple[str, frozenset[str], str]]) -> tuple[str, frozenset[str], str] | None:
+    """The families every claim ``(label, family ids, evidence)`` allows, with the label and
+    evidence of the most specific claim; None if there is none or they allow no family in common."""
+    if not claims:
+        return None
+    ids = frozenset.intersection(*(claim[1] for claim in claims))
+    if not ids:
+        return None
+    label, _, evidence = min(claims, key=lambda claim: len(claim[1]))
+    return label, ids, evidence
 
 
 def _name_of(ids: frozenset[str], label: str) -> str:
