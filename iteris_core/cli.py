@@ -294,10 +294,9 @@ def run_inspect(args) -> int:
             print(f"    {prompt}")
     if args.base:
         from .api import open_backend
-        from .lora_normalize import normalize_lora
 
         backend = open_backend(args.base, device="cpu")
-        normalized = normalize_lora(parsed, backend.layer_table(), backend.base_weight)
+        normalized = backend.read_lora(lora)   # the backend's reader: it splits Flux/SD3 fused modules
         components = sorted(normalized.components())
         ranks = sorted(set(normalized.ranks().values()))
         print(f"  places on {len(normalized.layers)} layers of {backend.architecture} ({', '.join(components)}); "

@@ -155,6 +155,31 @@ def test_a_diffusers_lora_reads_as_diffusers_loads_it(tmp_path, family):
         assert torch.allclose((after[name] - base[name]).flatten(1), delta.dense(), atol=1e-6), name
 
 
+def test_an_xlabs_lora_reads_as_diffusers_loads_it(tmp_path):
+    """XLabs' Flux layout (attention processors' qkv_lora1/proj_lora2..., fused qkv, no alpha),
+    read through diffusers' converter: our deltas are what ``load_lora_weights`` fuses in."""
+    generator = torch.Generator().manual_seed(8)
+    tensors = {}
+    for name, out in (("qkv_lora1", 96), ("qkv_lora2", 96), ("proj_lora1", 32), ("proj_lora2", 32)):
+        key = f"double_blocks.0.processor.{name}"
+        tensors[f"{key}.down.weight"] = torch.randn(4, 32, generator=generator) / 6
+        tensors[f"{key}.up.weight"] = torch.randn(out, 4, generator=generator) / 6
+    path = tmp_path / "xlabs.safetensors"
+    save_file(tensors, str(path))
+    fresh = build_tiny_flux()
+    backend = _backend("flux_dev", fresh)
+    lora = backend.read_lora(read_lora_file(path))
+    base = {n: m.weight.detach().clone() for n, m in backend.modules().items()}
+    fresh.load_lora_weights(str(path))
+    fresh.fuse_lora(components=["transformer"], lora_scale=1.0)
+    fresh.unload_lora_weights()
+    after = {n: m.weight.detach() for n, m in backend.modules().items()}
+    changed = {n for n in base if not torch.equal(after[n], base[n])}
+    assert changed == set(lora.layers) and len(changed) == 8
+    for name, delta in lora.layers.items():
+        assert torch.allclose(after[name] - base[name], delta.dense(), atol=1e-6), name
+
+
 def test_ai_toolkit_lora_reads_at_scale_one(backends):
     """ai-toolkit's spelling (``transformer.<path>.lora_A/B``, no alpha) and its metadata, which
     wrongly says SD1.5: the keys decide the family, the scale is 1."""
@@ -392,7 +417,7 @@ def test_sd3_merge_with_cfg_and_t5_layers(backends, tmp_path):
     assert result.report.base["architecture"] == "sd3"
 
 
-def test_cli_merges_a_flux_folder_with_the_familys_defaults(tmp_path):
+def test_cli_merges_a_flux_folder_with_the_familys_defaults(tmp_path, capsys):
     """``python -m iteris_core merge`` on a saved diffusers Flux.1 dev folder: it samples without
     CFG at guidance 3.5 (the family's defaults), and its file holds the API's merge of the same LoRAs."""
     pipe = build_tiny_flux()
@@ -414,6 +439,8 @@ def test_cli_merges_a_flux_folder_with_the_familys_defaults(tmp_path):
                       MergeSettings(iterations=1, sampling=SamplingSettings(**{**FAST, "seed": 0, "batch_size": 4},
                                                                              guidance=1.0)))
     written = backend.read_lora(read_lora_file(out))
+    main(["inspect", str(a), "--base", str(folder)])   # a kohya file's fused modules, split by the backend
+    assert f"places on {len(backend.read_lora(read_lora_file(a)).layers)} layers of flux_dev" in capsys.readouterr().out
     assert set(written.layers) == set(api.lora.layers)
     for name, delta in api.lora.layers.items():
         error = (written.layers[name].dense() - delta.dense()).norm() / delta.dense().norm()

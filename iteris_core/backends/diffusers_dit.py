@@ -26,6 +26,7 @@ onto them exactly by :mod:`.dit_keys`, and the engine's own readers do the rest 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import IterisError, SettingsError
+from ..errors import IterisError, LoraFormatError, SettingsError
 from ..families import check_lora_family, family_by_id
 from ..layers import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, UNET, LayerTable
 from ..lora_formats import parse_lora
@@ -77,6 +78,7 @@ class DitRecipe:
     default_max_shift: float  # calculate_shift's max_shift when the scheduler config has none
     native_modules: Callable[[torch.nn.Module], list[NativeModule]]
     family: Callable[[torch.nn.Module], str]
+    reads_xlabs: bool = False   # XLabs' Flux LoRA layout (``double_blocks.N.processor.qkv_lora1``)
 
 
 # --- text conditioning, as the pipelines' encode_prompt ---------------------------------------
@@ -148,7 +150,8 @@ FLUX = DitRecipe(
     text_encoders=(_CLIP_L, TextEncoderSlot(TEXT_ENCODER_2, "tokenizer_2", "t5xxl", "lora_te3_", clip=False)),
     encode=_encode_flux, packs_latents=True, timestep_divisor=1000.0, timestep_in_model_dtype=True,
     batched_cfg=False, flux_sigmas=True, default_max_shift=1.15, native_modules=_flux_native,
-    family=lambda transformer: "flux_dev" if transformer.config.guidance_embeds else "flux_schnell")
+    family=lambda transformer: "flux_dev" if transformer.config.guidance_embeds else "flux_schnell",
+    reads_xlabs=True)
 
 SD3 = DitRecipe(
     pipeline_class="StableDiffusion3Pipeline", transformer_class="SD3Transformer2DModel",
@@ -159,6 +162,26 @@ SD3 = DitRecipe(
     family=lambda transformer: "sd3")
 
 RECIPES = {recipe.pipeline_class: recipe for recipe in (FLUX, SD3)}
+
+
+# --- XLabs' Flux LoRAs ------------------------------------------------------------------------
+
+def is_xlabs(tensors) -> bool:
+    """XLabs' layout: attention-processor LoRAs (``double_blocks.0.processor.qkv_lora1.down.weight``)."""
+    return any(".processor." in key and "_lora" in key for key in tensors)
+
+
+def from_xlabs(lora: LoraFile) -> LoraFile:
+    """An XLabs Flux LoRA in diffusers' spelling, by diffusers' own converter (which
+    ``FluxLoraLoaderMixin`` uses for these files; XLabs files carry no alpha: scale 1)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    try:
+        tensors = _convert_xlabs_flux_lora_to_diffusers(dict(lora.tensors))
+    except (ValueError, KeyError, AttributeError, AssertionError) as exc:
+        raise LoraFormatError(lora.name, f"its XLabs-style keys are not all readable by diffusers' converter: "
+                              f"{exc}") from None
+    return dataclasses.replace(lora, tensors=tensors)
 
 
 # --- layers ------------------------------------------------------------------------------------
@@ -305,8 +328,11 @@ class DitBackend(ModuleTableMixin):
 
     def read_lora(self, lora: LoraFile) -> NormalizedLora:
         """The LoRA placed on this model's layers: a file that names another family is refused
-        first; original-model modules (kohya, ComfyUI) are split onto the diffusers layers."""
+        first; XLabs' Flux files go through diffusers' own converter; original-model modules
+        (kohya, ComfyUI) are split onto the diffusers layers."""
         check_lora_family(lora.name, lora.tensors, lora.metadata, self.family)
+        if self.recipe.reads_xlabs and is_xlabs(lora.tensors):
+            lora = from_xlabs(lora)
         parsed = split_native(parse_lora(lora), self.native_modules, DENOISER_PREFIX)
         return normalize_lora(parsed, self._table, self.base_weight, sha256=lora.sha256, metadata=lora.metadata)
 
