@@ -425,6 +425,7 @@ def test_cli_merges_a_flux_folder_with_the_familys_defaults(tmp_path, capsys):
     pipe.save_pretrained(folder)
     backend = open_backend(folder, device="cpu")
     assert isinstance(backend, DitBackend) and backend.architecture == "flux_dev"
+    assert open_backend(folder, device="cpu", dtype=torch.bfloat16).transformer.dtype == torch.bfloat16
     a = _lora_file("kohya", "flux_dev", backend, tmp_path, 41)
     b = _lora_file("ai-toolkit", "flux_dev", backend, tmp_path, 42)
     out, report = tmp_path / "merged.safetensors", tmp_path / "report.json"

@@ -253,6 +253,13 @@ def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, bas
     return image_seq_len * slope + base_shift - slope * base_seq_len
 
 
+def _placement(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """The device (CUDA when there is one) and forward dtype (bf16 on a GPU, the precision these
+    models are released and usually run in) of a backend."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 # --- the backend -------------------------------------------------------------------------------
 
 class DitBackend(ModuleTableMixin):
@@ -265,8 +272,7 @@ class DitBackend(ModuleTableMixin):
         if recipe is None:
             raise IterisError(f"the diffusers DiT backend takes {' or '.join(RECIPES)}, not {type(pipe).__name__}")
         self.recipe = recipe
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.device, self.dtype = _placement(device, dtype)
         self.transformer = self._place(pipe.transformer)
         self.text_encoders: dict[str, torch.nn.Module] = {}
         self.tokenizers = {}
@@ -307,11 +313,12 @@ class DitBackend(ModuleTableMixin):
         text encoders, tokenizers and scheduler it is loaded with (single files hold only the
         transformer, or lack the tokenizers)."""
         path = Path(path)
+        _, dtype = _placement(device, dtype)   # loaded in it: a full-size Flux.1 in fp32 takes ~70 GB
         if path.is_dir():
-            pipe = load_pipeline_folder(path)
+            pipe = load_pipeline_folder(path, dtype)
             pipe.identity = path.name
         elif path.is_file():
-            pipe = load_single_file_pipeline(path, config)
+            pipe = load_single_file_pipeline(path, config, dtype)
         else:
             raise IterisError(f"base model {path} not found: give a diffusers folder or a .safetensors checkpoint")
         return cls(pipe, device, dtype, max_sequence_length=max_sequence_length)
@@ -500,8 +507,9 @@ def pipeline_class_of_folder(path: Path) -> str | None:
         return None
 
 
-def load_pipeline_folder(path: Path):
-    """A local diffusers Flux or SD3 folder, offline, without its VAE (a merge never decodes)."""
+def load_pipeline_folder(path: Path, dtype: torch.dtype = torch.float32):
+    """A local diffusers Flux or SD3 folder, offline, in ``dtype``, without its VAE (a merge never
+    decodes)."""
     import diffusers
 
     name = pipeline_class_of_folder(path)
@@ -509,7 +517,7 @@ def load_pipeline_folder(path: Path):
         raise IterisError(f"{path} is not a diffusers Flux.1 or SD3 folder (model_index.json names {name!r}; "
                           f"expected one of {', '.join(RECIPES)})")
     try:
-        return getattr(diffusers, name).from_pretrained(str(path), local_files_only=True, vae=None)
+        return getattr(diffusers, name).from_pretrained(str(path), local_files_only=True, vae=None, torch_dtype=dtype)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise IterisError(f"cannot load the diffusers folder {path}: {exc}") from None
 
@@ -536,9 +544,9 @@ def single_file_pipeline_class(path: Path) -> str | None:
     return None
 
 
-def load_single_file_pipeline(path: Path, config: str | Path | None):
-    """A pipeline whose transformer is the single file's and whose other parts come from
-    ``config``, a local diffusers folder of the same family."""
+def load_single_file_pipeline(path: Path, config: str | Path | None, dtype: torch.dtype = torch.float32):
+    """A pipeline in ``dtype`` whose transformer is the single file's and whose other parts come
+    from ``config``, a local diffusers folder of the same family."""
     import diffusers
 
     name = single_file_pipeline_class(path)
@@ -556,9 +564,9 @@ def load_single_file_pipeline(path: Path, config: str | Path | None):
                           f"{pipeline_class_of_folder(config)!r})")
     try:
         transformer = getattr(diffusers, recipe.transformer_class).from_single_file(
-            str(path), config=str(config), subfolder="transformer", local_files_only=True)
+            str(path), config=str(config), subfolder="transformer", local_files_only=True, torch_dtype=dtype)
         pipe = getattr(diffusers, name).from_pretrained(str(config), transformer=transformer, vae=None,
-                                                        local_files_only=True)
+                                                        local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
         raise IterisError(f"cannot load {path.name} with the config folder {config}: {exc}") from None
     pipe.identity = f"{path.name} ({name})"
