@@ -308,6 +308,26 @@ def test_kohya_lora_is_split_as_comfyui_splits_it(backends, family):
     assert all(torch.equal(again.layers[n].dense(), d.dense()) for n, d in lora.layers.items())
 
 
+def test_lokr_and_full_diffs_on_fused_modules_are_split_exactly(backends):
+    """LyCORIS adapters on fused modules (LoKr on Flux's img_attn.qkv, a full difference on linear1):
+    each part's delta is its rows of the whole module's delta."""
+    backend = backends["flux_dev"]
+    generator = torch.Generator().manual_seed(9)
+    w1, w2 = torch.randn(4, 4, generator=generator), torch.randn(24, 8, generator=generator) / 10
+    diff = torch.randn(224, 32, generator=generator) / 10
+    qkv_key = "lora_unet_double_blocks_0_img_attn_qkv"
+    tensors = {f"{qkv_key}.lokr_w1": w1, f"{qkv_key}.lokr_w2": w2, "lora_unet_single_blocks_0_linear1.diff": diff}
+    lora = backend.read_lora(LoraFile("lycoris.safetensors", tensors))
+    qkv = torch.kron(w1, w2)
+    block, single = "unet.transformer_blocks.0.attn", "unet.single_transformer_blocks.0"
+    expected = {f"{block}.to_q": qkv[:32], f"{block}.to_k": qkv[32:64], f"{block}.to_v": qkv[64:],
+                f"{single}.attn.to_q": diff[:32], f"{single}.attn.to_k": diff[32:64],
+                f"{single}.attn.to_v": diff[64:96], f"{single}.proj_mlp": diff[96:]}
+    assert set(lora.layers) == set(expected)
+    for name, rows in expected.items():
+        assert torch.allclose(lora.layers[name].dense(), rows, atol=1e-5), name
+
+
 def test_a_lora_for_another_family_is_refused(backends):
     sd3_lora = kohya_tensors(backends["sd3"], seed=6, include=r"joint_blocks\.0\.x_block\.attn\.qkv")
     with pytest.raises(BaseModelMismatchError, match="SD3"):
