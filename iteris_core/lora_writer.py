@@ -1,8 +1,13 @@
-"""The merged LoRA and its kohya-format file.
+"""The merged LoRA and its file, in the spelling its layer table asks for.
 
 kohya naming (``lora_unet_<diffusers path>``, ``lora_te_``/``lora_te1_``/``lora_te2_``) is the one
 that both ComfyUI's stock LoraLoader and diffusers' ``load_lora_weights`` map for SD1.x, SD2.x
-and SDXL; ComfyUI 0.3.75 does not map PEFT-style UNet keys.
+and SDXL; ComfyUI 0.3.75 does not map PEFT-style UNet keys there. Tables whose ``file_format`` is
+``"peft"`` (the diffusers Flux.1 and SD3 pipelines) are written with their ``file_keys`` and PEFT's
+``.lora_A``/``.lora_B`` suffixes, the whole scale in the factors and no ``.alpha``: any kohya suffix
+sends a Flux file through diffusers' kohya converter, which drops its text-encoder layers, and SD3's
+loader refuses a file with keys that do not say ``lora`` (the ``.alpha`` ones); ComfyUI reads PEFT
+suffixes without alpha at scale 1.
 
 Every layer of a file carries the same alpha (:func:`file_alpha`), and the rest of its scale is
 folded into its factors, so that ``up @ down * alpha / rank`` is the merged delta. One alpha is
@@ -26,7 +31,7 @@ from typing import Iterable
 import torch
 
 from .families import family_by_id
-from .layers import TEXT_ENCODER, TEXT_ENCODER_2, UNET, LayerTable
+from .layers import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, UNET, LayerTable
 from .lora_io import atomic_write_safetensors
 from .low_rank import LowRankDelta
 
@@ -50,6 +55,8 @@ def kohya_module_key(name: str, table: LayerTable) -> str:
         return ("lora_te1_" if two_text_encoders else "lora_te_") + flat
     if component == TEXT_ENCODER_2:
         return "lora_te2_" + flat
+    if component == TEXT_ENCODER_3:
+        return "lora_te3_" + flat
     raise ValueError(f"unknown component in layer name {name!r}")
 
 
@@ -108,10 +115,13 @@ class MergedLora:
         return self.layers[name].dense().reshape(info.weight_shape)
 
     def state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        """kohya-format tensors: ``.lora_up.weight``, ``.lora_down.weight`` and ``.alpha`` per layer,
-        every alpha the same (:func:`file_alpha`)."""
+        """The file's tensors: kohya's ``.lora_up.weight``, ``.lora_down.weight`` and ``.alpha`` per
+        layer, every alpha the same (:func:`file_alpha`); or, for a table whose ``file_format`` is
+        ``"peft"``, ``.lora_B.weight`` and ``.lora_A.weight`` with the scale folded in and no alpha."""
         out: dict[str, torch.Tensor] = {}
-        alpha = file_alpha(self.ranks().values())
+        peft = self.table.file_format == "peft"
+        alpha = None if peft else file_alpha(self.ranks().values())
+        up_suffix, down_suffix = ("lora_B", "lora_A") if peft else ("lora_up", "lora_down")
         for name in sorted(self.layers):
             info = self.table[name]
             up, down = balanced_factors(self.layers[name], alpha)
@@ -125,9 +135,10 @@ class MergedLora:
                 up = up.reshape(info.out_features, rank, 1, 1)
                 down = down.reshape(rank, info.in_features, *info.kernel)
             key = kohya_module_key(name, self.table)
-            out[f"{key}.lora_up.weight"] = up.to(layer_dtype)
-            out[f"{key}.lora_down.weight"] = down.to(layer_dtype)
-            out[f"{key}.alpha"] = torch.tensor(alpha)
+            out[f"{key}.{up_suffix}.weight"] = up.to(layer_dtype)
+            out[f"{key}.{down_suffix}.weight"] = down.to(layer_dtype)
+            if alpha is not None:
+                out[f"{key}.alpha"] = torch.tensor(alpha)
         return out
 
     def file_metadata(self) -> dict[str, str]:
@@ -144,7 +155,7 @@ class MergedLora:
         return meta
 
     def save(self, path: str | Path, *, dtype: str = "fp16", overwrite: bool = False) -> Path:
-        """Write the kohya-format ``.safetensors`` atomically (temp file + rename)."""
+        """Write the ``.safetensors`` file (:meth:`state_dict`) atomically (temp file + rename)."""
         if dtype not in SAVE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(SAVE_DTYPES)}, got {dtype!r}")
         return atomic_write_safetensors(self.state_dict(SAVE_DTYPES[dtype]), path, self.file_metadata(),

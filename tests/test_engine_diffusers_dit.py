@@ -24,7 +24,7 @@ from iteris_core.lora_io import LoraFile, read_lora_file
 from iteris_core.lora_writer import MergedLora
 from safetensors.torch import save_file
 from tiny_dit_pipelines import (AI_TOOLKIT_METADATA, T5_LENGTH, TinyFlux, ai_toolkit_tensors, build_tiny_flux,
-                                build_tiny_sd3, kohya_tensors, peft_file_tensors, save_peft_lora,
+                                build_tiny_sd3, kohya_tensors, save_peft_lora,
                                 write_sd3_single_file)
 
 BUILDERS = {"flux_dev": build_tiny_flux, "flux_schnell": lambda: build_tiny_flux(TinyFlux(guidance_embeds=False)),
@@ -205,9 +205,8 @@ def _comfy_rows(entry, native_rows: int) -> torch.Tensor:
 
 
 def _comfy_map(family: str):
-    from comfy_fixtures import import_comfy
-
-    import_comfy()
+    """ComfyUI's own original-name -> diffusers map (ComfyUI imported by the ``comfy_nodes`` fixture,
+    with the session's base directory, which a bare import here would pin to the default)."""
     import comfy.utils
 
     if family == "sd3":
@@ -216,7 +215,7 @@ def _comfy_map(family: str):
 
 
 @pytest.mark.parametrize("family", ["flux_dev", "sd3"])
-def test_original_module_names_match_comfyuis_maps(backends, family):
+def test_original_module_names_match_comfyuis_maps(backends, family, comfy_nodes):
     """Every original module's split (which diffusers layers get which rows) is the one ComfyUI's
     own ``flux_to_diffusers`` / ``mmdit_to_diffusers`` maps give, and every layer of the model that
     ComfyUI maps from an original module is covered."""
@@ -276,7 +275,7 @@ def test_flux_split_equals_diffusers_kohya_converter_at_full_width():
 
 
 @pytest.mark.parametrize("family", ["flux_dev", "sd3"])
-def test_kohya_lora_is_split_as_comfyui_splits_it(backends, family):
+def test_kohya_lora_is_split_as_comfyui_splits_it(backends, family, comfy_nodes):
     """A kohya file on the original names (fused qkv, Flux's linear1, the swapped final
     modulation) and kohya text-encoder names (CLIP-L te1, T5 te3): each layer's delta is the rows
     ComfyUI's map gives it of ``up @ down * alpha / rank``."""
@@ -478,7 +477,7 @@ def test_a_single_file_transformer_needs_its_config_folder(tmp_path, backends):
         open_backend(path, device="cpu", tokenizer="somewhere")
 
 
-def test_an_sd3_single_file_loads_with_its_config_folder(tmp_path):
+def test_an_sd3_single_file_loads_with_its_config_folder(tmp_path, comfy_nodes):
     """An SD3 checkpoint in SAI's names (fused qkv, swapped final modulation) with a diffusers
     folder for the rest: the backend's transformer has exactly the checkpoint's weights."""
     pipe = build_tiny_sd3()
@@ -514,7 +513,7 @@ def test_the_merged_spelling_loads_completely_in_diffusers(tmp_path, family):
     backend = _backend(family)
     merged = _every_layer(backend, seed=51)
     path = tmp_path / "merged.safetensors"
-    save_file(peft_file_tensors(merged), str(path))
+    merged.save(path, dtype="fp32")
     fresh = BUILDERS[family]()
     base = {n: m.weight.detach().clone() for n, m in _backend(family, fresh).modules().items()}
     fresh.load_lora_weights(str(path))
@@ -532,13 +531,10 @@ def test_the_merged_spelling_loads_completely_in_diffusers(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", ["flux_dev", "sd3"])
-def test_the_merged_spelling_loads_completely_in_comfyui(family):
+def test_the_merged_spelling_loads_completely_in_comfyui(family, comfy_nodes):
     """ComfyUI's own key maps (``model_lora_keys_unet``/``_clip`` of ComfyUI models of the same
     configs, on the meta device) place every key of that file, and its LoRA parser reads the
     delta we wrote for each layer (on the rows of the fused weight the map names)."""
-    from comfy_fixtures import import_comfy
-
-    import_comfy()
     import comfy.lora
     import comfy.supported_models
     import comfy.text_encoders.flux
@@ -569,7 +565,7 @@ def test_the_merged_spelling_loads_completely_in_comfyui(family):
                 "model_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
                                  "num_hidden_layers": 2}})
     key_map = comfy.lora.model_lora_keys_clip(clip, comfy.lora.model_lora_keys_unet(model, {}))
-    patches = comfy.lora.load_lora(peft_file_tensors(merged), key_map, log_missing=False)
+    patches = comfy.lora.load_lora(merged.state_dict(torch.float32), key_map, log_missing=False)
     for name, delta in merged.layers.items():
         target = key_map[merged.table.file_keys[name]]
         up, down, alpha = patches[target].weights[:3]
@@ -578,9 +574,6 @@ def test_the_merged_spelling_loads_completely_in_comfyui(family):
     assert len(patches) == len(merged.layers)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="the writer spells every table's modules in kohya's suffixes with .alpha; tables with "
-                          "file_format='peft' need .lora_A/.lora_B and the scale folded")
 def test_the_writers_file_loads_in_diffusers(tmp_path):
     backend = _backend("sd3")
     path = _every_layer(backend, seed=53).save(tmp_path / "merged.safetensors", dtype="fp32")

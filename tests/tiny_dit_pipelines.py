@@ -215,28 +215,12 @@ def save_peft_lora(build, path: Path, seed: int, rank: int = 4, alpha: float = 8
     return path / "pytorch_lora_weights.safetensors"
 
 
-def peft_file_tensors(merged) -> dict[str, torch.Tensor]:
-    """A merged LoRA in the spelling its table asks for (``table.file_keys``, PEFT suffixes, the
-    scale folded into the factors, no alpha): the file diffusers and ComfyUI load completely."""
-    out = {}
-    for name, delta in merged.layers.items():
-        key = merged.table.file_keys[name]
-        info = merged.table[name]
-        up, down = delta.up * delta.scale, delta.down
-        if info.kind == "conv":
-            up, down = up.reshape(*up.shape, 1, 1), down.reshape(delta.rank, info.in_features, *info.kernel)
-        out[f"{key}.lora_B.weight"], out[f"{key}.lora_A.weight"] = up.contiguous(), down.contiguous()
-    return out
-
-
 def write_sd3_single_file(transformer, path: Path) -> Path:
     """The transformer's weights as an SD3 single-file checkpoint (SAI's MMDiT names under
-    ``model.diffusion_model.``, fused qkv), through ComfyUI's own ``mmdit_to_diffusers`` map."""
+    ``model.diffusion_model.``, fused qkv), through ComfyUI's own ``mmdit_to_diffusers`` map
+    (ComfyUI imported first, by the tests' ``comfy_nodes`` fixture)."""
     from safetensors.torch import save_file
 
-    from comfy_fixtures import import_comfy
-
-    import_comfy()
     import comfy.utils
 
     key_map = comfy.utils.mmdit_to_diffusers({"depth": transformer.config.num_layers}, output_prefix="")
