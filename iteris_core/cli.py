@@ -99,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="merge LoRAs on a base model and write the merged LoRA",
-                           description="Merge LoRAs on a base model (a diffusers folder or a single-file "
-                                       "checkpoint) and write one kohya-format LoRA that ComfyUI's "
-                                       "LoraLoader and diffusers load.")
+                           description="Merge LoRAs on a base model (a diffusers folder of SD1.x/SD2.x/SDXL, "
+                                       "Flux.1 or SD3/SD3.5, or a single-file checkpoint) and write one LoRA "
+                                       "that ComfyUI's LoraLoader and diffusers' load_lora_weights load.")
     merge.add_argument("--base", required=True, help="base model: diffusers folder or .safetensors checkpoint")
     merge.add_argument("--tokenizer", default=None, metavar="DIR",
                        help="CLIP tokenizer folder (vocab.json, merges.txt) for a single-file --base; default: "
