@@ -3,12 +3,15 @@
 One ComfyUI server (the pack symlinked into its custom_nodes, the generated tiny SD1.5 checkpoint, tiny
 Flux.1 dev and Z-Image models from ``bench.dit_families`` and generated LoRAs for each in its models
 folders, and the tests' own node pack, whose loader gives the tiny text encoders in place of
-DualCLIPLoader / CLIPLoader) serves all three parts:
+DualCLIPLoader / CLIPLoader and whose ``CR LoRA Stack`` stands in for Comfyroll's) serves all three parts:
 
 (a) every workflow fits the server's ``/object_info``: node types exist, widget values fit their
     inputs (model file names excepted: they are substituted), link types agree at both ends;
 (b) each workflow, converted to the API format by ``workflow_tools`` with the test models and small
-    CPU settings swapped in, runs through ``POST /prompt`` and writes its images / LoRA file;
+    CPU settings swapped in, runs through ``POST /prompt`` and writes its images / LoRA file; the
+    workflows that leave the concept prompts empty use the prompts made from the test LoRAs'
+    metadata (kohya dataset folders and tags, ``modelspec.trigger_phrase``, a Civitai sidecar), and
+    the LoRA-stack workflow's before/after grid has one row per LoRA the stacker switches on;
 (c) the front end the server ships (comfyui-frontend-package) loads each workflow in headless
     Chromium with no page error and no missing-node dialog, knows every node type, and its
     ``graphToPrompt()`` equals ``workflow_tools.to_api``; a screenshot becomes ``workflows/<name>.png``.
@@ -36,7 +39,8 @@ from test_server import Server
 
 WORKFLOWS = tuple(path.stem for path in wt.workflow_paths())
 SHIPPED = {"iteris_two_concepts", "iteris_three_concepts_save", "iteris_compare_stacked",
-           "iteris_flux_two_concepts", "iteris_zimage_two_concepts"}
+           "iteris_flux_two_concepts", "iteris_zimage_two_concepts", "iteris_two_concepts_from_metadata",
+           "iteris_lora_stack"}
 # DiT workflows -> the family of tiny model they run on; the others run on the tiny SD1.5 checkpoint
 WORKFLOW_FAMILY = {"iteris_flux_two_concepts": "flux_dev", "iteris_zimage_two_concepts": "zimage"}
 DIT_FILES = {"unet_name": {"flux1-dev.safetensors", "z_image_turbo_bf16.safetensors"},
@@ -47,6 +51,20 @@ CHECKPOINT = "tiny_sd15.safetensors"
 TEST_LORAS = {"character_a.safetensors": ("wf_character.safetensors", 11),
               "style_b.safetensors": ("wf_style.safetensors", 12),
               "outfit_c.safetensors": ("wf_outfit.safetensors", 13)}
+# what the test LoRAs say they were trained on, as the trainers write it: kohya's dataset folder and
+# caption tags, Stability's modelspec trigger phrase, a Civitai sidecar's trained words
+TEST_LORA_METADATA = {
+    "wf_character.safetensors": {
+        "ss_dataset_dirs": json.dumps({"10_chara_a woman": {"n_repeats": 10, "img_count": 24}}),
+        "ss_tag_frequency": json.dumps({"10_chara_a woman": {"chara_a woman": 24, "solo": 22, "long hair": 20,
+                                                             "smile": 14, "looking at viewer": 12, "outdoors": 5}})},
+    "wf_style.safetensors": {
+        "modelspec.trigger_phrase": "styleb painting",
+        "ss_tag_frequency": json.dumps({"img": {"no humans": 30, "landscape": 18, "building": 12, "sky": 9}})},
+}
+TEST_LORA_SIDECARS = {"wf_outfit.civitai.info": {"trainedWords": ["outfitc jacket"]}}
+COMFYROLL_FOLDER = "ComfyUI_Comfyroll_CustomNodes"   # how `git clone` of Suzie1's Comfyroll pack names it
+GRID_LABEL = 24   # the grid's label strip above each image (nodes/compare_node.py LABEL_HEIGHT)
 # a few text-encoder and UNet attention layers: both halves of the merge run, and each merge takes
 # seconds on a 2-core CPU (all attention/MLP/conv layers: minutes)
 LORA_LAYERS = r"(encoder\.layers\.(0|11)\.self_attn\.(q|v)_proj|attn1\.to_(q|out\.0)|attn2\.to_(k|v))$"
@@ -96,11 +114,31 @@ def install_dit(base: Path, family: str) -> DitFiles:
     return DitFiles(unet.name, ",".join(p.name for p in encoders), vae, loras)
 
 
+def describe_training(loras: Path) -> None:
+    """Give the SD test LoRAs in ``loras`` the metadata and sidecar files of ``TEST_LORA_METADATA`` and
+    ``TEST_LORA_SIDECARS`` (same tensors; the file is rewritten through a temporary one)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from iteris_core.lora_io import atomic_write_safetensors
+
+    for name, extra in TEST_LORA_METADATA.items():
+        path = loras / name
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        atomic_write_safetensors(load_file(str(path)), path, {**metadata, **extra}, overwrite=True)
+    for name, content in TEST_LORA_SIDECARS.items():
+        (loras / name).write_text(json.dumps(content))
+
+
 @pytest.fixture(scope="module")
 def wf_server(tmp_path_factory, tiny_checkpoint, comfy_nodes):
     base = comfy_base_directory(tmp_path_factory.mktemp("workflow-server"), tiny_checkpoint, CHECKPOINT,
                                 dict(TEST_LORAS.values()), include=LORA_LAYERS)
-    (base / "custom_nodes" / "iteris_test_nodes").symlink_to(TEST_NODES)
+    describe_training(base / "models" / "loras")
+    # under the folder name of Comfyroll's own pack: its "CR LoRA Stack" stand-in then wears, in the
+    # front end and the workflow previews, the source badge a Comfyroll user sees on the real node
+    (base / "custom_nodes" / COMFYROLL_FOLDER).symlink_to(TEST_NODES)
     dits = {family: install_dit(base, family) for family in sorted(set(WORKFLOW_FAMILY.values()))}
     (base / "user" / "default").mkdir(parents=True)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(UI_SETTINGS))
@@ -218,6 +256,101 @@ def test_workflow_runs_and_writes_its_outputs(name, wf_server, object_info):
     if name == "iteris_compare_stacked":  # same seed and prompt, different LoRA combination
         stacked, merged = compare_images(wf_server, prompt, outputs)
         assert (stacked != merged).any()
+    if name == "iteris_two_concepts_from_metadata":
+        check_prompts_from_metadata(wf_server, prompt, outputs)
+    if name == "iteris_lora_stack":
+        assert len(check_stack_and_grid(wf_server, prompt, outputs)) == 2   # slot 3 is switched off
+
+
+def node_of(prompt: dict, class_type: str, title: str | None = None) -> str:
+    """The id of the one node of this class (and title, if given)."""
+    (found,) = [k for k, v in prompt.items()
+                if v["class_type"] == class_type and (title is None or v["_meta"]["title"] == title)]
+    return found
+
+
+def fed_by(prompt: dict, node_id: str, output: int) -> list[str]:
+    """The nodes with an input linked to ``node_id``'s output ``output``."""
+    return [k for k, v in prompt.items() if [node_id, output] in v["inputs"].values()]
+
+
+def derived_prompts(server, lora_name: str) -> list[str]:
+    """What the engine's own rules make of the test LoRA's metadata and sidecars."""
+    from iteris_core.lora_io import read_lora_file
+    from iteris_core.lora_prompts import derive_prompts
+
+    path = server.base / "models" / "loras" / lora_name
+    derived = derive_prompts(read_lora_file(path).metadata, lora_path=path)
+    assert derived is not None, lora_name
+    return list(derived.prompts)
+
+
+def check_prompts_from_metadata(server, prompt: dict, outputs: dict) -> None:
+    """The concepts typed no prompts: each concept node's prompts output (shown by the Preview node
+    it feeds) holds the prompts made from its file, the node says where they came from, and the
+    merge's report names those sources."""
+    concepts = [k for k, v in prompt.items() if v["class_type"] == "IterIS_LoraConcept"]
+    assert len(concepts) == 2 and all(prompt[k]["inputs"]["prompts"] == "" for k in concepts)
+    for concept, trigger in zip(concepts, ("chara_a woman", "styleb painting")):
+        lora_name = prompt[concept]["inputs"]["lora_name"]
+        expected = derived_prompts(server, lora_name)
+        (preview,) = fed_by(prompt, concept, 1)
+        assert outputs[preview]["text"][0].splitlines() == expected
+        assert any(trigger in line for line in expected), expected
+        on_node = outputs[concept]["text"][0]
+        assert on_node.startswith(f"{len(expected)} prompts derived from ") and on_node.endswith("\n".join(expected))
+    report = outputs[node_of(prompt, "IterIS_MergeLoras")]["text"][0]
+    assert "ss_dataset_dirs folder '10_chara_a woman'" in report and "modelspec.trigger_phrase" in report, report
+
+
+def check_stack_and_grid(server, prompt: dict, outputs: dict) -> list[str]:
+    """The stacker's switched-on LoRAs become the concepts, in its order, with prompts made from their
+    files (the stack node names each one's source); the grid the Save Image node wrote has one row per
+    concept, each row that concept's own LoRA beside the merge, and the rows differ. Returns the
+    test LoRA names of the concepts."""
+    import numpy as np
+    from PIL import Image
+
+    stacker = prompt[node_of(prompt, "CR LoRA Stack")]["inputs"]
+    switched_on = [stacker[f"lora_name_{slot}"] for slot in (1, 2, 3)
+                   if stacker[f"switch_{slot}"] == "On" and stacker[f"lora_name_{slot}"] != "None"]
+    to_concepts = node_of(prompt, "IterIS_LoraStack")
+    assert prompt[to_concepts]["inputs"]["prompts"] == ""
+    (preview,) = fed_by(prompt, to_concepts, 1)
+    blocks = outputs[preview]["text"][0].split("\n---\n")
+    assert [block.splitlines() for block in blocks] == [derived_prompts(server, name) for name in switched_on]
+    sources = outputs[to_concepts]["text"][0].split("\n\n")[0].splitlines()
+    assert [line.split(": ", 1)[0] for line in sources] == switched_on
+    assert all(" prompts derived from " in line for line in sources), sources
+
+    grid_node = node_of(prompt, "IterIS_CompareGrid")
+    side = prompt[grid_node]["inputs"]["width"]
+    assert prompt[grid_node]["inputs"]["height"] == side
+    (save,) = fed_by(prompt, grid_node, 0)
+    image = outputs[save]["images"][0]
+    path = server.base / "output" / image["subfolder"] / image["filename"]
+    grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    assert grid.shape == (len(switched_on) * (GRID_LABEL + side), 2 * side, 3)
+    first_own = grid[GRID_LABEL:GRID_LABEL + side, :side]
+    second_own = grid[2 * GRID_LABEL + side:2 * (GRID_LABEL + side), :side]
+    assert abs(first_own - second_own).mean() > 1.0     # each row drew its own concept
+    return switched_on
+
+
+def test_a_lora_switched_on_in_the_stacker_joins_the_merge_and_the_grid(wf_server, object_info):
+    """The shipped stack workflow leaves slot 3 off (two rows); switched on, its LoRA - whose trigger
+    words only a Civitai sidecar names - becomes a third concept and a third row."""
+    prompt = runnable_prompt("iteris_lora_stack", object_info)
+    stacker = prompt[node_of(prompt, "CR LoRA Stack")]["inputs"]
+    assert stacker["switch_3"] == "Off"
+    stacker["switch_3"] = "On"
+    entry = wf_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-3000:]
+    concepts = check_stack_and_grid(wf_server, prompt, entry["outputs"])
+    assert concepts == [TEST_LORAS[name][0] for name in ("character_a.safetensors", "style_b.safetensors",
+                                                         "outfit_c.safetensors")]
+    assert derived_prompts(wf_server, concepts[2])[0].startswith("outfitc jacket")
+    assert "sidecar wf_outfit.civitai.info trainedWords" in entry["outputs"][node_of(prompt, "IterIS_LoraStack")]["text"][0]
 
 
 def test_changing_only_merge_settings_reuses_the_samples(wf_server, object_info):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -390,11 +391,16 @@ def model_files(prompt: Mapping[str, Mapping]) -> set[str]:
     return {value for entry in prompt.values() for value in entry["inputs"].values() if is_model_file(value)}
 
 
+LORA_INPUT = re.compile(r"^lora_name(_\d+)?$")
+"""LoRA file inputs: ``lora_name``, and the numbered slots of stacker nodes (``lora_name_1``...)."""
+
+
 def substitute_models(prompt: Mapping[str, Mapping], *, checkpoint: str, loras: Mapping[str, str],
                       files: Mapping[str, str] | None = None) -> dict:
-    """A copy with every checkpoint name replaced by ``checkpoint``, every LoRA name mapped through
-    ``loras`` and other model inputs (``unet_name``, ``vae_name``...) set from ``files`` (a name with no
-    test file raises ``KeyError``: the test would not know what to run)."""
+    """A copy with every checkpoint name replaced by ``checkpoint``, every LoRA name (``lora_name``,
+    a stacker's ``lora_name_<n>``) mapped through ``loras`` and other model inputs (``unet_name``,
+    ``vae_name``...) set from ``files`` (a name with no test file raises ``KeyError``: the test would
+    not know what to run)."""
     prompt = copy.deepcopy(dict(prompt))
     files = dict(files or {})
     for node_id, entry in prompt.items():
@@ -404,7 +410,7 @@ def substitute_models(prompt: Mapping[str, Mapping], *, checkpoint: str, loras: 
                 continue
             if name == "ckpt_name":
                 inputs[name] = checkpoint
-            elif name == "lora_name":
+            elif LORA_INPUT.match(name):
                 if value not in loras:
                     raise KeyError(f"node {node_id} ({entry['class_type']}): no test LoRA for {value!r}")
                 inputs[name] = loras[value]
@@ -433,9 +439,9 @@ CPU_MERGE = {"iterations": 1, "samples_per_prompt": 1, "timesteps": 2, "steps": 
 
 def shrink_for_cpu(prompt: Mapping[str, Mapping], *, size: int = 64, steps: int = 2,
                    merge: Mapping[str, Any] | None = None) -> dict:
-    """A copy with small images and few steps: latents and merge samples of ``size`` pixels, ``steps``
-    sampler steps, and the merge settings in ``CPU_MERGE`` (overridden by ``merge``). Only literal
-    values are changed; linked inputs stay linked."""
+    """A copy with small images and few steps: latents, merge samples and before/after grids of
+    ``size`` pixels, ``steps`` sampler steps, and the merge settings in ``CPU_MERGE`` (overridden by
+    ``merge``). Only literal values are changed; linked inputs stay linked."""
     prompt = copy.deepcopy(dict(prompt))
     merge_values = {**CPU_MERGE, "width": size, "height": size, **(merge or {})}
 
@@ -455,6 +461,9 @@ def shrink_for_cpu(prompt: Mapping[str, Mapping], *, size: int = 64, steps: int 
                 put(inputs, "end_at_step", steps)
         elif kind == "IterIS_MergeLoras":
             for name, value in merge_values.items():
+                put(inputs, name, value)
+        elif kind == "IterIS_CompareGrid":
+            for name, value in (("width", size), ("height", size), ("steps", steps)):
                 put(inputs, name, value)
     return prompt
 

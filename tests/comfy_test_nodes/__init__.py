@@ -1,6 +1,12 @@
 """A ComfyUI node pack for tests only: loads the tiny random text encoders of ``bench.dit_families``,
 and makes a ``LORA_STACK`` the way LoRA stacker packs (Efficiency Nodes, Comfyroll) do.
 
+``CR LoRA Stack`` stands in for Comfyroll Studio's node of that name (class ``CR_LoRAStack`` in
+Suzie1/ComfyUI_Comfyroll_CustomNodes, ``nodes/nodes_lora.py``): same node type, inputs, outputs
+and stacking rules, so that a shared workflow made with the real node loads, converts and runs in
+the tests, where Comfyroll itself is not installed. The tests never install both packs in one
+ComfyUI, so the two never compete for the name.
+
 ComfyUI's own CLIPLoader cannot pass the ``model_options`` that make those encoders tiny, so tests
 put this pack in a ``custom_nodes`` folder (usually as a symlink) next to the IterIS pack and use
 ``IterISTest_TinyTextEncoderLoader`` where a workflow would use CLIPLoader / DualCLIPLoader.
@@ -73,7 +79,45 @@ class IterISTest_LoraStacker:
         return ([(n, m, c) for n, m, c in zip(names, model, clip)],)
 
 
+CR_SLOTS = 3
+"""LoRA slots of Comfyroll's CR LoRA Stack."""
+CR_WEIGHT = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})
+CR_HELP = "https://github.com/Suzie1/ComfyUI_Comfyroll_CustomNodes/wiki/LoRA-Nodes#cr-lora-stack"
+
+
+class CRLoraStackStandIn:
+    """Comfyroll's ``CR LoRA Stack``: three switchable LoRA slots appended to an optional incoming
+    stack (its "None" entries dropped), as ``(lora_name, model_weight, clip_weight)``."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        loras = ["None"] + folder_paths.get_filename_list("loras")
+        required = {}
+        for slot in range(1, CR_SLOTS + 1):   # Comfyroll's order: switch, name, model, clip per slot
+            required[f"switch_{slot}"] = (["Off", "On"],)
+            required[f"lora_name_{slot}"] = (loras,)
+            required[f"model_weight_{slot}"] = CR_WEIGHT
+            required[f"clip_weight_{slot}"] = CR_WEIGHT
+        return {"required": required, "optional": {"lora_stack": ("LORA_STACK",)}}
+
+    RETURN_TYPES = ("LORA_STACK", "STRING")
+    RETURN_NAMES = ("LORA_STACK", "show_help")
+    FUNCTION = "lora_stacker"
+    CATEGORY = "🧩 Comfyroll Studio/✨ Essential/💊 LoRA"
+
+    def lora_stacker(self, lora_stack=None, **slots) -> tuple:
+        """The incoming stack without its "None" entries, then every slot that is "On" and names a file."""
+        stack = [entry for entry in (lora_stack or []) if entry[0] != "None"]
+        for slot in range(1, CR_SLOTS + 1):
+            name = slots[f"lora_name_{slot}"]
+            if name != "None" and slots[f"switch_{slot}"] == "On":
+                stack.append((name, slots[f"model_weight_{slot}"], slots[f"clip_weight_{slot}"]))
+        return (stack, CR_HELP)
+
+
 NODE_CLASS_MAPPINGS = {"IterISTest_TinyTextEncoderLoader": IterISTest_TinyTextEncoderLoader,
-                       "IterISTest_LoraStacker": IterISTest_LoraStacker}
+                       "IterISTest_LoraStacker": IterISTest_LoraStacker,
+                       "CR LoRA Stack": CRLoraStackStandIn}
 NODE_DISPLAY_NAME_MAPPINGS = {"IterISTest_TinyTextEncoderLoader": "Tiny text encoder loader (IterIS tests)",
-                              "IterISTest_LoraStacker": "LoRA stacker (IterIS tests)"}
+                              "IterISTest_LoraStacker": "LoRA stacker (IterIS tests)",
+                              "CR LoRA Stack": "💊 CR LoRA Stack"}
