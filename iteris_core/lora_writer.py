@@ -85,15 +85,21 @@ def balanced_factors(delta: LowRankDelta, alpha: float | None = None) -> tuple[t
 FP16_MAX = 6.0e4   # a little under fp16's largest finite value (65504)
 
 
+def file_dtype(dtype: torch.dtype, *tensors: torch.Tensor) -> torch.dtype:
+    """The precision to write ``tensors`` in: ``dtype``, or fp32 where fp16 cannot hold them (they
+    would be written as inf)."""
+    if dtype == torch.float16 and any(t.numel() and float(t.abs().max()) > FP16_MAX for t in tensors):
+        return torch.float32
+    return dtype
+
+
 def cast_for_file(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A LoRA's tensors in the precision chosen for its file: ``.alpha`` scalars kept as they are,
     and a tensor that fp16 cannot hold kept in fp32 rather than written as inf."""
     def cast(key: str, tensor: torch.Tensor) -> torch.Tensor:
         if key.endswith(".alpha") or not tensor.is_floating_point():
             return tensor
-        if dtype == torch.float16 and tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
-            return tensor.float()
-        return tensor.to(dtype)
+        return tensor.to(file_dtype(dtype, tensor))
 
     return {key: cast(key, tensor) for key, tensor in tensors.items()}
 
@@ -128,9 +134,7 @@ class MergedLora:
             if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
                 raise ValueError(f"merged delta of layer {name} is not finite; refusing to write it")
             rank = up.shape[1]
-            layer_dtype = dtype
-            if dtype == torch.float16 and max(up.abs().max(), down.abs().max()) > FP16_MAX:
-                layer_dtype = torch.float32  # out of fp16 range even after balancing: keep full precision
+            layer_dtype = file_dtype(dtype, up, down)   # one precision for both factors of a layer
             if info.kind == "conv":
                 up = up.reshape(info.out_features, rank, 1, 1)
                 down = down.reshape(rank, info.in_features, *info.kernel)
