@@ -201,22 +201,37 @@ def sd_version_from_widths(context_dims: set[int], text_widths: set[int]) -> str
 _SD_VERSIONS = {"SDXL": _SDXL, "SD2.x": frozenset({"sd2"}), "SD1.x": frozenset({"sd1"})}
 
 
-def _down_width(key: str, tensor: torch.Tensor) -> int | None:
-    """Input width of a LoRA down matrix (kohya, PEFT and diffusers spellings)."""
-    if re.search(r"(lora_down|lora_A|lora\.down|down)\.weight$", key) and tensor.dim() >= 2:
-        return int(tensor.shape[1])
-    return None
+_LORA_DOWN = re.compile(r"[._](lora_down|lora_A|lora\.down|down)\.weight$")
+# LyCORIS factors whose second dimension is (part of) the layer's input width: LoHa's hada_w1_b
+# alone; LoKr's is a Kronecker product, in = in(w1) * in(w2), each factor whole or split as _a @ _b
+_LOKR_INPUT_PARTS = {"lokr_w1": "w1", "lokr_w1_b": "w1", "lokr_w2": "w2", "lokr_w2_b": "w2"}
+
+
+def _input_widths(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Input width of each LoRA module, keyed by the module's name: from the down matrix (kohya,
+    PEFT and diffusers spellings), LoHa's hada_w1_b or LoKr's two Kronecker factors."""
+    widths: dict[str, int] = {}
+    lokr: dict[str, dict[str, int]] = {}
+    for key, tensor in tensors.items():
+        if tensor.dim() < 2:
+            continue
+        if match := _LORA_DOWN.search(key):
+            widths[key[:match.start()]] = int(tensor.shape[1])
+        elif key.endswith(".hada_w1_b"):
+            widths[key[:-len(".hada_w1_b")]] = int(tensor.shape[1])
+        elif (module_part := key.rpartition(".")) and module_part[2] in _LOKR_INPUT_PARTS:
+            lokr.setdefault(module_part[0], {})[_LOKR_INPUT_PARTS[module_part[2]]] = int(tensor.shape[1])
+    for module, parts in lokr.items():
+        if len(parts) == 2:
+            widths[module] = parts["w1"] * parts["w2"]
+    return widths
 
 
 def _sd_version(tensors: Mapping[str, torch.Tensor]) -> str | None:
     context, text = set(), set()
-    two_text_encoders = False
-    for key, tensor in tensors.items():
-        flat = key.replace(".", "_")
-        two_text_encoders |= bool(re.match(r"(lora_te[12]_|text_encoder_2_)", flat))
-        width = _down_width(key, tensor)
-        if width is None:
-            continue
+    two_text_encoders = any(re.match(r"(lora_te[12]_|text_encoder_2_)", key.replace(".", "_")) for key in tensors)
+    for module, width in _input_widths(tensors).items():
+        flat = module.replace(".", "_")
         if re.search(r"attn2_(processor_)?(to_k|to_v)", flat):
             context.add(width)
         elif re.search(r"(^|_)(te\d?|text_encoder(_2)?)_.*self_attn_q_proj", flat):

@@ -32,7 +32,21 @@ def peft(*modules: str, width: int = 8) -> dict[str, torch.Tensor]:
             for part, shape in (("A", (2, width)), ("B", (width, 2)))}
 
 
+def loha(module: str, width: int) -> dict[str, torch.Tensor]:
+    """LoHa factors (rank 2) of a Linear layer with this input width."""
+    return {f"{module}.hada_w1_a": torch.randn(8, 2), f"{module}.hada_w1_b": torch.randn(2, width),
+            f"{module}.hada_w2_a": torch.randn(8, 2), f"{module}.hada_w2_b": torch.randn(2, width),
+            f"{module}.alpha": torch.tensor(2.0)}
+
+
+def lokr(module: str, w1_in: int, w2_in: int) -> dict[str, torch.Tensor]:
+    """LoKr factors as LyCORIS writes them: w1 whole, w2 split as w2_a @ w2_b (input w1_in * w2_in)."""
+    return {f"{module}.lokr_w1": torch.randn(4, w1_in), f"{module}.lokr_w2_a": torch.randn(5, 2),
+            f"{module}.lokr_w2_b": torch.randn(2, w2_in), f"{module}.alpha": torch.tensor(2.0)}
+
+
 SD_ATTN1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+SD_ATTN2_K = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
 FLUX_KOHYA = "lora_unet_double_blocks_0_img_attn_qkv"
 
 # (tensors, metadata) -> families it fits and families it does not
@@ -48,6 +62,10 @@ CASES = {
                                           {"sdxl"}, {"sd1"}),
     "kohya SD cross-attention 768": (kohya("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k",
                                            width=768), {}, {"sd1"}, {"sd2", "sdxl"}),
+    # LyCORIS files have no down matrix: the widths come from their factors
+    "LoHa cross-attention 1024": (loha(SD_ATTN2_K, 1024), {}, {"sd2"}, {"sd1", "sdxl"}),
+    "LoKr cross-attention 16x48": (lokr(SD_ATTN2_K, 16, 48), {}, {"sd1"}, {"sd2", "sdxl"}),
+    "LoKr cross-attention 32x64": (lokr(SD_ATTN2_K, 32, 64), {}, {"sdxl"}, {"sd1", "sd2"}),
     "kohya SDXL te1/te2": (kohya(SD_ATTN1, "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
                                  width=768), {}, {"sdxl"}, {"sd1"}),
     # keys win over metadata that contradicts them
@@ -94,6 +112,19 @@ def test_a_real_ai_toolkit_file_is_read_by_its_keys(samples_dir):
     origin = lora_origin(lora.tensors, lora.metadata)
     assert origin.fits(family_by_id("flux_dev")) and not origin.fits(family_by_id("sd1"))
     assert "single_transformer_blocks" in origin.evidence
+
+
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_the_real_lokr_files_are_sd1_by_their_factor_shapes(samples_dir, full_tables, rank):
+    """kohya LoKr files trained on an SD1 finetune: no metadata field names the version, and
+    Kronecker factors (20x32)(x)(16x24) give attn2's 768-wide context, so an SDXL model refuses them
+    at once rather than at the first mismatched shape."""
+    lora = read_lora_file(samples_dir / f"sd15_kohya_lokr_r{rank}_fp16.safetensors")
+    origin = lora_origin(lora.tensors, lora.metadata)
+    assert origin.family_ids == {"sd1"}, origin
+    assert load_lora(lora, full_tables["sd1"]).layers
+    with pytest.raises(BaseModelMismatchError, match="looks made for SD1.x but the base model is SDXL"):
+        load_lora(lora, full_tables["sdxl"])
 
 
 def _sd1_file(table, metadata: dict[str, str], name: str) -> LoraFile:
